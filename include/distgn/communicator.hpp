@@ -1,0 +1,82 @@
+// distgn/communicator.hpp: the collectives a layer needs, over whatever
+// transport the caller runs (none, MPI, NCCL).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "distgn/build_config.hpp"
+#if DISTGN_WITH_MPI
+#include <mpi.h>
+#endif
+
+namespace distgn {
+
+// A set of ranks that run collectives together. Every collective is blocking
+// and must be called by every rank of the communicator in the same order.
+// Buffers are host memory unless an implementation says otherwise.
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+
+  // In-place elementwise sum over all ranks; every rank gets the result.
+  virtual void allreduce_sum(double* data, size_t count) = 0;
+  virtual void allreduce_sum(float* data, size_t count) = 0;
+
+  // recv[r * count + i] = rank r's send[i]; recv holds count * size() values.
+  virtual void allgather(const double* send, size_t count, double* recv) = 0;
+  virtual void allgather(const uint8_t* send, size_t count, uint8_t* recv) = 0;
+
+  // Partitions the ranks: those passing the same color form one new
+  // communicator, ordered by key (ties by rank). Collective over all ranks.
+  virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
+};
+
+// The communicator of one process alone (size 1): every collective is a copy.
+std::shared_ptr<Communicator> local_communicator();
+
+#if DISTGN_WITH_MPI
+// Wraps an MPI communicator the caller owns (default: MPI_COMM_WORLD); MPI
+// must be initialised and outlive it. Communicators it splits off are its
+// own and freed with them. Buffers are host memory: Debian's Open MPI is not
+// CUDA-aware.
+std::shared_ptr<Communicator> mpi_communicator(MPI_Comm comm = MPI_COMM_WORLD);
+#endif
+
+// Counts what passes through another communicator: for tests and benchmarks.
+// Collectives of communicators it splits off are counted here too.
+class CountingCommunicator : public Communicator {
+ public:
+  struct Counts {
+    int64_t collectives = 0;
+    int64_t bytes = 0;          // payload this rank contributed
+    double seconds = 0.0;       // wall time inside collectives
+  };
+
+  explicit CountingCommunicator(std::shared_ptr<Communicator> inner);
+
+  Counts counts() const { return *counts_; }
+  void reset() { *counts_ = Counts{}; }
+
+  int rank() const override;
+  int size() const override;
+  void allreduce_sum(double* data, size_t count) override;
+  void allreduce_sum(float* data, size_t count) override;
+  void allgather(const double* send, size_t count, double* recv) override;
+  void allgather(const uint8_t* send, size_t count, uint8_t* recv) override;
+  std::unique_ptr<Communicator> split(int color, int key) override;
+
+ private:
+  CountingCommunicator(std::shared_ptr<Communicator> inner, std::shared_ptr<Counts> counts);
+  template <class F>
+  void timed(size_t bytes, F&& collective);
+
+  std::shared_ptr<Communicator> inner_;
+  std::shared_ptr<Counts> counts_;
+};
+
+}  // namespace distgn

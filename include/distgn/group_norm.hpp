@@ -1,0 +1,94 @@
+// distgn/group_norm.hpp: the layer. Flax's flax.linen.GroupNorm, distributed:
+// each rank reduces its shard, one collective merges the partial statistics
+// of every cell over the ranks of its group, each rank normalises locally.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "distgn/communicator.hpp"
+#include "distgn/config.hpp"
+#include "distgn/tensor.hpp"
+
+namespace distgn {
+
+// What forward saves for backward (DESIGN "The flow"): the plan and, per cell,
+// the mean and reciprocal standard deviation the outputs were made with.
+struct ForwardState {
+  Plan plan;
+  std::vector<double> mean;   // num_cells, rounded to the stats dtype
+  std::vector<double> rstd;   // num_cells, rsqrt(var + epsilon) in the stats dtype
+  std::vector<double> count;  // num_cells: valid positions over the whole group
+  std::vector<uint8_t> variance_clamped;  // num_cells: fast-variance clamp hit (no var gradient)
+};
+
+// Which ranks' dscale/dbias partial sums backward adds up.
+enum class ParamGradReduction {
+  local,  // this rank's shard only (the default)
+  group,  // the ranks of this rank's axis_index_groups group
+  all,    // every rank of the communicator (data-parallel gradient sync)
+};
+
+class GroupNorm {
+ public:
+  // Validates axis_index_groups against comm (SPEC §7) and splits comm into
+  // the groups once, here. Collective over comm when it has several ranks.
+  explicit GroupNorm(GroupNormConfig config,
+                     std::shared_ptr<Communicator> comm = local_communicator());
+  ~GroupNorm();
+  GroupNorm(GroupNorm&&) noexcept;
+  GroupNorm& operator=(GroupNorm&&) noexcept;
+
+  const GroupNormConfig& config() const { return config_; }
+  Communicator& communicator() { return *comm_; }
+  // The ranks this rank shares statistics with (itself alone when size 1).
+  Communicator& group_communicator() { return *group_comm_; }
+
+  // Parameters scale[C] then bias[C] (those in use), contiguous, param_dtype.
+  // Created from the initializers on the first call, or here.
+  void init_parameters(int64_t channels);
+  int64_t channels() const { return channels_; }  // 0 before initialisation
+  // The parameter buffer (scale then bias) and views into it; writable.
+  void* parameters() { return parameters_.data(); }
+  size_t parameter_bytes() const { return parameters_.size(); }
+  TensorView scale();  // throws if use_scale is false or not initialised
+  TensorView bias();
+  // Copies caller-provided parameters (any float dtype, shape [C]; SPEC §2.6).
+  void set_scale(const TensorView& scale);
+  void set_bias(const TensorView& bias);
+
+  // The plan for an input of this shape, layout and dtype (validates, SPEC §2).
+  Plan plan(const Shape& shape, Layout layout, DType dtype) const;
+
+  // y = GroupNorm(x). y has x's shape and layout and plan().output_dtype.
+  // mask (optional): nonzero = valid position. state (optional) receives
+  // what backward needs. Exactly one collective over the group per call once
+  // a shape has been seen (the first call with a new shape adds one more, in
+  // which the ranks agree on the shape or all raise the same error).
+  void forward(const TensorView& x, const TensorView& y, const MaskView* mask = nullptr,
+               ForwardState* state = nullptr);
+
+  // Gradients of sum(y * dy) summed over all ranks (SPEC §9). dx has x's
+  // dtype and shape; dscale/dbias (optional, [C], param_dtype) receive the
+  // partial sums of the ranks `reduction` names. One collective over the
+  // group for dx (plus one over the communicator for reduction == all).
+  void backward(const TensorView& x, const TensorView& dy, const MaskView* mask,
+                const ForwardState& state, const TensorView& dx,
+                const TensorView* dscale = nullptr, const TensorView* dbias = nullptr,
+                ParamGradReduction reduction = ParamGradReduction::local);
+
+ private:
+  struct Workspace;
+  // The parameters in double, for the kernels' coefficients.
+  void load_parameters(std::vector<double>& scale, std::vector<double>& bias) const;
+
+  GroupNormConfig config_;
+  std::shared_ptr<Communicator> comm_;
+  std::shared_ptr<Communicator> group_comm_;
+  int64_t channels_ = 0;
+  std::vector<uint8_t> parameters_;
+  std::unique_ptr<Workspace> workspace_;
+};
+
+}  // namespace distgn

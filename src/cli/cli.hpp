@@ -1,0 +1,94 @@
+// The `distgn` command-line tool: shared pieces of its subcommands.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "distgn/communicator.hpp"
+#include "distgn/config.hpp"
+#include "distgn/tensor.hpp"
+
+namespace distgn::cli {
+
+// A host array in one of distgn's storage dtypes.
+struct HostArray {
+  Shape shape;
+  DType dtype = DType::f32;
+  std::vector<uint8_t> bytes;
+  TensorView view(Layout layout) { return {bytes.data(), shape, dtype, layout, Device::cpu}; }
+};
+
+// How the ranks of a run share the input (DESIGN "command-line tool").
+struct Sharding {
+  enum class Mode { none, ranks_axis, shard_axis } mode = Mode::none;
+  int axis = 0;  // shard_axis
+};
+
+struct ApplyOptions {
+  std::string x, y, dy, dx, dscale, dbias, mask, scale, bias;
+  GroupNormConfig config;
+  std::string input_dtype;  // empty = keep the file's
+  Layout layout = Layout::channels_last;
+  std::string backend = "cpu";
+  Sharding sharding;
+  std::string axis_index_groups;  // "0,1;2,3"
+};
+
+// Runs `distgn apply` on this rank; raises distgn::Error on invalid input.
+void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>& comm);
+
+// "0,1;2,3" -> {{0,1},{2,3}}; "1,2,3" -> {1,2,3}.
+std::vector<std::vector<int>> parse_groups(const std::string& text);
+std::vector<int64_t> parse_int_list(const std::string& text, const char* what);
+
+
+// ---- sharding (sharding.cpp): how arrays are split over ranks and joined ----
+
+// numpy.array_split's part r of P along an extent n: the first n % P parts
+// are one longer. Returns [begin, end).
+std::pair<int64_t, int64_t> split_range(int64_t n, int parts, int r);
+// This rank's part of an array sharded like x: under ranks_axis a[rank] for
+// arrays of x's rank, under shard_axis the array_split part along the axis
+// (arrays whose extent there is 1, like a broadcast mask, stay whole).
+HostArray shard(const HostArray& a, const Sharding& sharding, const Shape& x_shape, int rank,
+                int ranks, const char* name);
+// The inverse of shard() for arrays shaped like x: every rank gets the whole
+// array (one collective).
+HostArray unshard(Communicator& comm, const HostArray& part, const Sharding& sharding,
+                  const Shape& whole_shape);
+
+}  // namespace distgn::cli
+
+namespace CLI {
+class App;
+}
+
+namespace distgn::cli {
+
+struct BenchOptions {
+  std::vector<std::string> shapes;  // "8,64,64,320", several or ';'-separated
+  int64_t num_groups = 32;
+  std::string dtype = "f32";
+  std::string layout = "nhwc";
+  std::string backend = "cpu";
+  int threads = 0;  // 0 = OpenMP's default
+  int iters = 20;
+  int warmup = 3;
+  std::optional<int> shard_axis;
+  bool check = false;
+  std::string json;
+};
+
+void add_bench_options(CLI::App& app, BenchOptions& options, std::string& comm_name);
+// Runs `distgn bench`; rank 0 prints the table (and writes the JSON file).
+void run_bench(const BenchOptions& options, const std::shared_ptr<Communicator>& comm);
+
+// The communicator `--comm` names: local, mpi (initialises MPI), nccl, or
+// auto (mpi when launched by mpirun and built with MPI, else local).
+std::shared_ptr<Communicator> make_communicator(const std::string& name);
+// Releases it (finalising MPI if make_communicator initialised it).
+void finish_communicator(std::shared_ptr<Communicator>& comm, int status);
+
+}  // namespace distgn::cli

@@ -1,0 +1,47 @@
+// `--comm`: which communicator the tool runs over.
+#include <cstdlib>
+
+#include "cli/cli.hpp"
+#include "distgn/error.hpp"
+
+namespace distgn::cli {
+namespace {
+
+bool mpi_initialised_here = false;
+
+bool launched_by_mpirun() {
+  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"})
+    if (std::getenv(name)) return true;
+  return false;
+}
+
+}  // namespace
+
+std::shared_ptr<Communicator> make_communicator(const std::string& name) {
+  if (name == "local" || (name == "auto" && !launched_by_mpirun())) return local_communicator();
+  if (name == "mpi" || name == "auto") {
+#if DISTGN_WITH_MPI
+    int initialized = 0;
+    MPI_Initialized(&initialized);
+    if (!initialized) {
+      MPI_Init(nullptr, nullptr);
+      mpi_initialised_here = true;
+    }
+    return mpi_communicator(MPI_COMM_WORLD);
+#else
+    throw Error("--comm " + name + ": this build of distgn has no MPI (install libopenmpi-dev and rebuild)");
+#endif
+  }
+  if (name == "nccl") throw Error("--comm nccl: this build of distgn has no CUDA/NCCL backend");
+  throw Error("--comm " + name + ": use auto, local, mpi or nccl");
+}
+
+void finish_communicator(std::shared_ptr<Communicator>& comm, int status) {
+  (void)status;
+  comm.reset();  // frees split-off MPI communicators before MPI_Finalize
+#if DISTGN_WITH_MPI
+  if (mpi_initialised_here) MPI_Finalize();
+#endif
+}
+
+}  // namespace distgn::cli

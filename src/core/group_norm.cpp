@@ -1,0 +1,482 @@
+// The layer: resolve the plan, partial statistics, one collective, finalize,
+// normalise (forward); the mirror of it for backward. Everything
+// device-specific is behind Backend; everything about ranks behind
+// GroupExchange.
+#include "distgn/group_norm.hpp"
+
+#include <algorithm>
+#include <sstream>
+
+#include "core/backend.hpp"
+#include "core/group_exchange.hpp"
+#include "cpu/cpu_backend.hpp"
+#include "distgn/error.hpp"
+
+namespace distgn {
+namespace {
+
+// With a group of one rank, cells are processed in blocks of about this many
+// elements so that a block is still in cache when it is normalised.
+constexpr int64_t kFusedBlockElements = int64_t(1) << 20;
+
+// Blocks of whole cells (whole rows of cells for channel_rows).
+struct Blocks {
+  int64_t cells_per_block;
+  int64_t num_cells;
+  int64_t count() const { return (num_cells + cells_per_block - 1) / cells_per_block; }
+  CellRange operator[](int64_t i) const {
+    return {i * cells_per_block, std::min(num_cells, (i + 1) * cells_per_block)};
+  }
+};
+
+Blocks blocks_of(const Plan& plan, bool fused) {
+  if (!fused || plan.num_cells == 0) return {std::max<int64_t>(plan.num_cells, 1), plan.num_cells};
+  const int64_t unit = plan.form == Plan::Form::channel_rows ? plan.cells_per_row : 1;
+  const int64_t unit_elements = std::max<int64_t>(1, unit * plan.cell_elements);
+  const int64_t units = std::max<int64_t>(1, kFusedBlockElements / unit_elements);
+  return {units * unit, plan.num_cells};
+}
+
+// What the ranks of a group must agree on: everything but reduced extents.
+std::string signature_of(const Plan& plan, const GroupNormConfig& config) {
+  std::ostringstream s;
+  s << "x (";
+  for (size_t d = 0; d < plan.shape.size(); ++d) {
+    const bool reduced = std::binary_search(plan.reduction_axes.begin(), plan.reduction_axes.end(),
+                                            int64_t(d)) && int(d) != plan.feature_axis;
+    s << (d ? ", " : "");
+    if (reduced) s << '*';
+    else s << plan.shape[d];
+  }
+  s << ") " << dtype_name(plan.input_dtype) << ' ' << layout_name(plan.layout)
+    << ", groups " << plan.num_groups << ", reduction axes [";
+  for (size_t i = 0; i < plan.reduction_axes.size(); ++i) s << (i ? "," : "") << plan.reduction_axes[i];
+  s << "], epsilon " << config.epsilon << ", fast variance " << config.use_fast_variance
+    << ", force f32 " << config.force_float32_reductions << ", output "
+    << dtype_name(plan.output_dtype) << ", scale " << config.use_scale << ", bias "
+    << config.use_bias << ", params " << dtype_name(config.param_dtype);
+  return s.str();
+}
+
+// Does the mask broadcast to x (numpy rules), with the feature axis exactly C?
+void check_mask(const Plan& plan, const MaskView& mask) {
+  const Shape& x = plan.shape;
+  const Shape& m = mask.shape;
+  bool ok = m.size() <= x.size() &&
+            (plan.layout == Layout::channels_last || m.size() == x.size());
+  for (size_t i = 0; ok && i < m.size(); ++i) {
+    const size_t xi = x.size() - m.size() + i;
+    const bool feature = int(xi) == plan.feature_axis;
+    ok = feature ? m[i] == x[xi] : (m[i] == x[xi] || m[i] == 1);
+  }
+  if (m.size() == 0 || (!m.empty() && int(x.size() - m.size()) > plan.feature_axis)) ok = false;
+  if (!ok)
+    throw Error("mask of shape " + shape_string(m) + " does not broadcast to x of shape " +
+                shape_string(x) + ": its feature axis must have the " +
+                std::to_string(plan.channels) +
+                " channels and every other axis x's extent or 1");
+  if (!mask.data && element_count(m) > 0) throw Error("mask has no data");
+}
+
+// The mask expanded to one byte per element of x.
+void broadcast_mask(const Plan& plan, const MaskView& mask, std::vector<uint8_t>& out) {
+  const Shape& x = plan.shape;
+  const size_t rank = x.size(), lead = rank - mask.shape.size();
+  std::vector<int64_t> stride(rank, 0);
+  int64_t s = 1;
+  for (size_t d = rank; d-- > lead;) {
+    stride[d] = mask.shape[d - lead] == 1 ? 0 : s;
+    s *= mask.shape[d - lead];
+  }
+  const int64_t total = element_count(x);
+  out.resize(size_t(total));
+  std::vector<int64_t> index(rank, 0);
+  for (int64_t e = 0; e < total; ++e) {
+    int64_t offset = 0;
+    for (size_t d = 0; d < rank; ++d) offset += index[d] * stride[d];
+    out[size_t(e)] = mask.data[offset] ? 1 : 0;
+    for (size_t d = rank; d-- > 0;) {
+      if (++index[d] < x[d]) break;
+      index[d] = 0;
+    }
+  }
+}
+
+void check_view(const char* name, const TensorView& view, const Shape& shape, DType dtype,
+                Layout layout) {
+  if (view.shape != shape)
+    throw Error(std::string(name) + " has shape " + shape_string(view.shape) + " but x has shape " +
+                shape_string(shape));
+  if (view.dtype != dtype)
+    throw Error(std::string(name) + " has dtype " + dtype_name(view.dtype) + " but must be " +
+                dtype_name(dtype));
+  if (view.layout != layout) throw Error(std::string(name) + " has a different layout from x");
+  if (view.device != Device::cpu)
+    throw Error(std::string(name) + " is on a device this build has no backend for");
+  if (!view.data && element_count(shape) > 0) throw Error(std::string(name) + " has no data");
+}
+
+double load_param(DType dtype, const void* data, int64_t i) {
+  switch (dtype) {
+    case DType::f64: return static_cast<const double*>(data)[i];
+    case DType::f32: return static_cast<const float*>(data)[i];
+    case DType::f16: return to_float(static_cast<const half_t*>(data)[i]);
+    case DType::bf16: return to_float(static_cast<const bfloat16_t*>(data)[i]);
+  }
+  return 0;
+}
+
+void store_param(DType dtype, void* data, int64_t i, double v) {
+  switch (dtype) {
+    case DType::f64: static_cast<double*>(data)[i] = v; break;
+    case DType::f32: static_cast<float*>(data)[i] = float(v); break;
+    case DType::f16: static_cast<half_t*>(data)[i] = to_half(float(v)); break;
+    case DType::bf16: static_cast<bfloat16_t*>(data)[i] = to_bfloat16(float(v)); break;
+  }
+}
+
+// Group index of each rank, or throws SPEC §7's message.
+std::vector<int> group_of_rank(const std::vector<std::vector<int>>& groups, int ranks) {
+  std::vector<int> group(size_t(ranks), -1);
+  bool ok = true;
+  for (size_t g = 0; g < groups.size(); ++g)
+    for (int r : groups[g]) {
+      if (r < 0 || r >= ranks || group[size_t(r)] != -1) ok = false;
+      else group[size_t(r)] = int(g);
+    }
+  if (!ok || std::count(group.begin(), group.end(), -1) > 0)
+    throw Error("axis_index_groups must cover all indices exactly once");
+  return group;
+}
+
+}  // namespace
+
+struct GroupNorm::Workspace {
+  std::unique_ptr<Backend> backend = make_cpu_backend();
+  std::unique_ptr<GroupExchange> exchange;
+  // The plan of the last input shape seen, reused while the shape repeats.
+  bool have_plan = false;
+  Shape shape;
+  Layout layout = Layout::channels_last;
+  DType dtype = DType::f32;
+  Plan plan;
+  std::string signature;
+  // Per-call buffers, kept across calls.
+  std::vector<CellMoments> moments;
+  std::vector<double> scale, bias;
+  std::vector<uint8_t> mask_full, mask_gathered, x_gathered, dy_gathered, out_gathered;
+  std::vector<double> sums, terms;
+  ForwardState state;  // when the caller keeps none
+};
+
+GroupNorm::GroupNorm(GroupNormConfig config, std::shared_ptr<Communicator> comm)
+    : config_(std::move(config)), comm_(std::move(comm)), workspace_(new Workspace) {
+  if (!comm_) throw Error("GroupNorm needs a communicator (local_communicator() for one process)");
+  if (!config_.axis_index_groups) {
+    group_comm_ = comm_;
+  } else {
+    // Decided by the configuration alone; the agreement below makes a rank
+    // with a different configuration fail everywhere instead of hanging.
+    std::string error;
+    std::vector<int> group;
+    try {
+      group = group_of_rank(*config_.axis_index_groups, comm_->size());
+    } catch (const Error& e) {
+      error = e.what();
+    }
+    std::ostringstream groups;
+    for (const auto& g : *config_.axis_index_groups) {
+      groups << '[';
+      for (int r : g) groups << r << ',';
+      groups << ']';
+    }
+    GroupExchange(*comm_).agree({error, "axis_index_groups " + groups.str(), 0});
+    const int color = group[size_t(comm_->rank())];
+    const auto& members = (*config_.axis_index_groups)[size_t(color)];
+    const int key = int(std::find(members.begin(), members.end(), comm_->rank()) - members.begin());
+    group_comm_ = std::shared_ptr<Communicator>(comm_->split(color, key));
+  }
+  workspace_->exchange = std::make_unique<GroupExchange>(*group_comm_);
+}
+
+GroupNorm::~GroupNorm() = default;
+GroupNorm::GroupNorm(GroupNorm&&) noexcept = default;
+GroupNorm& GroupNorm::operator=(GroupNorm&&) noexcept = default;
+
+void GroupNorm::init_parameters(int64_t channels) {
+  if (channels <= 0) throw Error("number of channels must be positive, got " + std::to_string(channels));
+  const int64_t bytes = dtype_size(config_.param_dtype);
+  const int64_t scale_count = config_.use_scale ? channels : 0;
+  const int64_t bias_count = config_.use_bias ? channels : 0;
+  parameters_.assign(size_t((scale_count + bias_count) * bytes), 0);
+  // Flax creates scale before bias; the order only matters for the buffer.
+  if (scale_count) initialize(config_.scale_init, channels, config_.param_dtype, parameters_.data());
+  if (bias_count)
+    initialize(config_.bias_init, channels, config_.param_dtype,
+               parameters_.data() + scale_count * bytes);
+  channels_ = channels;
+}
+
+TensorView GroupNorm::scale() {
+  if (!config_.use_scale) throw Error("this layer has no scale (use_scale is false)");
+  if (!channels_) throw Error("parameters are not initialised yet: call init_parameters(C)");
+  return {parameters_.data(), {channels_}, config_.param_dtype};
+}
+
+TensorView GroupNorm::bias() {
+  if (!config_.use_bias) throw Error("this layer has no bias (use_bias is false)");
+  if (!channels_) throw Error("parameters are not initialised yet: call init_parameters(C)");
+  const size_t offset = config_.use_scale ? size_t(channels_ * dtype_size(config_.param_dtype)) : 0;
+  return {parameters_.data() + offset, {channels_}, config_.param_dtype};
+}
+
+static void copy_parameter(const char* name, const TensorView& from, TensorView to) {
+  if (from.shape.size() != 1 || (to.shape[0] && from.shape[0] != to.shape[0]))
+    throw Error(std::string(name) + " has shape " + shape_string(from.shape) + " but must have shape " +
+                shape_string(to.shape));
+  if (from.device != Device::cpu) throw Error(std::string(name) + " must be in host memory");
+  for (int64_t c = 0; c < to.shape[0]; ++c)
+    store_param(to.dtype, to.data, c, load_param(from.dtype, from.data, c));
+}
+
+void GroupNorm::set_scale(const TensorView& scale) {
+  if (!channels_ && scale.shape.size() == 1) init_parameters(scale.shape[0]);
+  copy_parameter("scale", scale, this->scale());
+}
+
+void GroupNorm::set_bias(const TensorView& bias) {
+  if (!channels_ && bias.shape.size() == 1) init_parameters(bias.shape[0]);
+  copy_parameter("bias", bias, this->bias());
+}
+
+Plan GroupNorm::plan(const Shape& shape, Layout layout, DType dtype) const {
+  return resolve(config_, shape, layout, dtype);
+}
+
+void GroupNorm::load_parameters(std::vector<double>& scale, std::vector<double>& bias) const {
+  const int64_t bytes = dtype_size(config_.param_dtype);
+  const uint8_t* data = parameters_.data();
+  scale.resize(config_.use_scale ? size_t(channels_) : 0);
+  for (size_t c = 0; c < scale.size(); ++c) scale[c] = load_param(config_.param_dtype, data, int64_t(c));
+  if (config_.use_scale) data += channels_ * bytes;
+  bias.resize(config_.use_bias ? size_t(channels_) : 0);
+  for (size_t c = 0; c < bias.size(); ++c) bias[c] = load_param(config_.param_dtype, data, int64_t(c));
+}
+
+// The plan of x, resolved once per distinct shape (SPEC §2.1-4), then the
+// mask (§2.5) and the parameters (§2.6). Returns the error message, or "".
+static std::string check_input(const GroupNormConfig& config, const TensorView& x,
+                               const MaskView* mask, int64_t channels, Plan& cached,
+                               bool& have_plan, Shape& shape, Layout& layout, DType& dtype,
+                               std::string& signature) {
+  try {
+    if (x.device != Device::cpu) throw Error("x is on a device this build has no backend for");
+    if (!have_plan || x.shape != shape || x.layout != layout || x.dtype != dtype) {
+      have_plan = false;
+      cached = resolve(config, x.shape, x.layout, x.dtype);
+      signature = signature_of(cached, config);
+      shape = x.shape;
+      layout = x.layout;
+      dtype = x.dtype;
+      have_plan = true;
+    }
+    if (mask) check_mask(cached, *mask);
+    if (channels && channels != cached.channels && (config.use_scale || config.use_bias))
+      throw Error(std::string(config.use_scale ? "scale" : "bias") + " has shape (" +
+                  std::to_string(channels) + ",) but x has " + std::to_string(cached.channels) +
+                  " channels (shape " + shape_string(x.shape) + ")");
+    if (!x.data && element_count(x.shape) > 0) throw Error("x has no data");
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return {};
+}
+
+void GroupNorm::forward(const TensorView& x, const TensorView& y, const MaskView* mask,
+                        ForwardState* state_out) {
+  Workspace& ws = *workspace_;
+  ForwardState& state = state_out ? *state_out : ws.state;
+  const bool distributed = group_comm_->size() > 1;
+
+  RankInput input;
+  input.error = check_input(config_, x, mask, channels_, ws.plan, ws.have_plan, ws.shape, ws.layout,
+                            ws.dtype, ws.signature);
+  if (input.error.empty()) {
+    try {
+      check_view("y", y, x.shape, ws.plan.output_dtype, x.layout);
+    } catch (const Error& e) {
+      input.error = e.what();
+    }
+  }
+  if (!input.error.empty()) {
+    if (distributed) ws.exchange->merge(input, ws.moments);  // raises on every rank
+    throw Error(input.error);
+  }
+  const Plan& plan = ws.plan;
+  input.signature = ws.signature;
+  input.num_cells = plan.num_cells;
+  if (!channels_ && (config_.use_scale || config_.use_bias)) init_parameters(plan.channels);
+
+  // Inputs in walking order.
+  Backend& backend = *ws.backend;
+  KernelInputs in{&plan, x.data, nullptr};
+  if (mask) {
+    const bool full = mask->shape == x.shape;
+    if (!full) broadcast_mask(plan, *mask, ws.mask_full);
+    in.mask = full ? mask->data : ws.mask_full.data();
+  }
+  void* out = y.data;
+  if (plan.permuted) {
+    const int64_t elements = element_count(plan.shape);
+    ws.x_gathered.resize(size_t(elements * dtype_size(plan.input_dtype)));
+    backend.permute(plan, x.data, ws.x_gathered.data(), dtype_size(plan.input_dtype), true);
+    in.x = ws.x_gathered.data();
+    if (in.mask) {
+      ws.mask_gathered.resize(size_t(elements));
+      backend.permute(plan, in.mask, ws.mask_gathered.data(), 1, true);
+      in.mask = ws.mask_gathered.data();
+    }
+    ws.out_gathered.resize(size_t(elements * dtype_size(plan.output_dtype)));
+    out = ws.out_gathered.data();
+  }
+
+  // Parameters and per-cell state.
+  const int64_t cells = plan.num_cells;
+  load_parameters(ws.scale, ws.bias);
+  if (state.plan.shape != plan.shape || state.plan.layout != plan.layout ||
+      state.plan.input_dtype != plan.input_dtype)
+    state.plan = plan;
+  state.mean.resize(size_t(cells));
+  state.rstd.resize(size_t(cells));
+  state.count.resize(size_t(cells));
+  state.variance_clamped.resize(size_t(cells));
+  ws.moments.resize(size_t(cells));
+  const Coefficients coef{plan.compute_dtype, state.mean.data(), state.rstd.data(),
+                          config_.use_scale ? ws.scale.data() : nullptr,
+                          config_.use_bias ? ws.bias.data() : nullptr};
+
+  // The flow: partial stats, one collective, finalize, normalise. A group
+  // of one rank needs no collective, so it runs the flow per cache-sized
+  // block of cells instead of once over the whole shard.
+  const Blocks blocks = blocks_of(plan, !distributed);
+  for (int64_t b = 0; b < blocks.count(); ++b) {
+    const CellRange block = blocks[b];
+    backend.partial_stats(in, block, ws.moments.data());
+    if (distributed) ws.exchange->merge(input, ws.moments);
+    for (int64_t cell = block.begin; cell < block.end; ++cell) {
+      const CellStats stats = finalize_moments(ws.moments[size_t(cell)], config_.epsilon,
+                                               config_.use_fast_variance, plan.stats_dtype);
+      state.mean[size_t(cell)] = stats.mean;
+      state.rstd[size_t(cell)] = stats.rstd;
+      state.count[size_t(cell)] = ws.moments[size_t(cell)].count;
+      state.variance_clamped[size_t(cell)] = stats.variance_clamped;
+    }
+    backend.normalize(in, block, coef, out, plan.output_dtype);
+  }
+  if (plan.permuted) backend.permute(plan, out, y.data, dtype_size(plan.output_dtype), false);
+}
+
+void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskView* mask,
+                         const ForwardState& state, const TensorView& dx, const TensorView* dscale,
+                         const TensorView* dbias, ParamGradReduction reduction) {
+  Workspace& ws = *workspace_;
+  const Plan& plan = state.plan;
+  const bool distributed = group_comm_->size() > 1;
+  const bool whole_group = group_comm_->size() == comm_->size();
+  const bool params_with_group = reduction == ParamGradReduction::group ||
+                                 (reduction == ParamGradReduction::all && whole_group);
+  const bool params_with_world =
+      reduction == ParamGradReduction::all && !whole_group && comm_->size() > 1;
+  const int64_t cells = plan.num_cells, channels = plan.channels;
+
+  std::string error;
+  try {
+    if (state.mean.size() != size_t(cells) || (cells == 0 && element_count(plan.shape) > 0))
+      throw Error("backward needs the state of a forward call on the same input");
+    check_view("x", x, plan.shape, plan.input_dtype, plan.layout);
+    if (dy.shape != plan.shape)
+      throw Error("dy has shape " + shape_string(dy.shape) + " but x has shape " +
+                  shape_string(plan.shape));
+    check_view("dy", dy, plan.shape, dy.dtype, plan.layout);
+    check_view("dx", dx, plan.shape, plan.input_dtype, plan.layout);
+    if (mask) check_mask(plan, *mask);
+    for (const TensorView* grad : {dscale, dbias})
+      if (grad && (grad->shape != Shape{channels} || grad->dtype != config_.param_dtype ||
+                   grad->device != Device::cpu || !grad->data))
+        throw Error(std::string(grad == dscale ? "dscale" : "dbias") + " has shape " +
+                    shape_string(grad->shape) + " and dtype " + dtype_name(grad->dtype) +
+                    " but must be (" + std::to_string(channels) + ",) " +
+                    dtype_name(config_.param_dtype) + " in host memory");
+    if (dscale && !config_.use_scale) throw Error("dscale asked for but use_scale is false");
+    if (dbias && !config_.use_bias) throw Error("dbias asked for but use_bias is false");
+  } catch (const Error& e) {
+    error = e.what();
+  }
+
+  // sums: [group flag | A, B per cell | sum dy, sum dy*xhat per channel | world flag]
+  std::vector<double>& sums = ws.sums;
+  sums.assign(size_t(1 + 2 * cells + 2 * channels + 1), 0.0);
+  double* cell_sums = sums.data() + 1;
+  double* channel_sums = cell_sums + 2 * cells;
+  const size_t group_count = size_t(1 + 2 * cells + (params_with_group ? 2 * channels : 0));
+  const bool fused = !distributed && !params_with_world;
+  if (!error.empty()) {
+    // Join the collectives the other ranks run, then raise with them.
+    if (distributed) ws.exchange->sum(error, sums.data(), group_count);
+    if (params_with_world) sum_or_raise(*comm_, error, channel_sums, size_t(2 * channels + 1), size_t(2 * channels));
+    throw Error(error);
+  }
+
+  Backend& backend = *ws.backend;
+  KernelInputs in{&plan, x.data, nullptr};
+  if (mask) {
+    const bool full = mask->shape == x.shape;
+    if (!full) broadcast_mask(plan, *mask, ws.mask_full);
+    in.mask = full ? mask->data : ws.mask_full.data();
+  }
+  const void* dy_data = dy.data;
+  void* dx_out = dx.data;
+  if (plan.permuted) {
+    const int64_t elements = element_count(plan.shape);
+    ws.x_gathered.resize(size_t(elements * dtype_size(plan.input_dtype)));
+    backend.permute(plan, x.data, ws.x_gathered.data(), dtype_size(plan.input_dtype), true);
+    in.x = ws.x_gathered.data();
+    ws.dy_gathered.resize(size_t(elements * dtype_size(dy.dtype)));
+    backend.permute(plan, dy.data, ws.dy_gathered.data(), dtype_size(dy.dtype), true);
+    dy_data = ws.dy_gathered.data();
+    if (in.mask) {
+      ws.mask_gathered.resize(size_t(elements));
+      backend.permute(plan, in.mask, ws.mask_gathered.data(), 1, true);
+      in.mask = ws.mask_gathered.data();
+    }
+    ws.out_gathered.resize(size_t(elements * dtype_size(plan.input_dtype)));
+    dx_out = ws.out_gathered.data();
+  }
+  const Coefficients coef{plan.compute_dtype, state.mean.data(), state.rstd.data(),
+                          config_.use_scale ? ws.scale.data() : nullptr, nullptr};
+  load_parameters(ws.scale, ws.bias);
+  ws.terms.resize(size_t(2 * cells));
+
+  // The flow: partial sums A, B; one collective; dx.
+  const Blocks blocks = blocks_of(plan, fused);
+  for (int64_t b = 0; b < blocks.count(); ++b) {
+    const CellRange block = blocks[b];
+    backend.backward_sums(in, dy_data, dy.dtype, block, coef, cell_sums, channel_sums);
+    if (distributed) ws.exchange->sum(error, sums.data(), group_count);
+    if (params_with_world) sum_or_raise(*comm_, error, channel_sums, size_t(2 * channels + 1), size_t(2 * channels));
+    for (int64_t cell = block.begin; cell < block.end; ++cell) {
+      const double n = state.count[size_t(cell)];
+      ws.terms[size_t(2 * cell)] = cell_sums[2 * cell] / n;
+      ws.terms[size_t(2 * cell + 1)] =
+          state.variance_clamped[size_t(cell)] ? 0.0 : cell_sums[2 * cell + 1] / n;
+    }
+    backend.input_grad(in, dy_data, dy.dtype, block, coef, ws.terms.data(), dx_out);
+  }
+  if (plan.permuted) backend.permute(plan, dx_out, dx.data, dtype_size(plan.input_dtype), false);
+  for (int64_t c = 0; c < channels; ++c) {
+    if (dbias) store_param(dbias->dtype, dbias->data, c, channel_sums[c]);
+    if (dscale) store_param(dscale->dtype, dscale->data, c, channel_sums[channels + c]);
+  }
+}
+
+}  // namespace distgn

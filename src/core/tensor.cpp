@@ -1,0 +1,62 @@
+#include "distgn/tensor.hpp"
+
+#include <sstream>
+
+#include "distgn/error.hpp"
+
+namespace distgn {
+
+int dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::f64: return 8;
+    case DType::f32: return 4;
+    case DType::f16:
+    case DType::bf16: return 2;
+  }
+  return 0;
+}
+
+std::string dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::f32: return "f32";
+    case DType::f64: return "f64";
+    case DType::f16: return "f16";
+    case DType::bf16: return "bf16";
+  }
+  return "?";
+}
+
+DType parse_dtype(const std::string& name) {
+  if (name == "f32" || name == "float32") return DType::f32;
+  if (name == "f64" || name == "float64") return DType::f64;
+  if (name == "f16" || name == "float16") return DType::f16;
+  if (name == "bf16" || name == "bfloat16") return DType::bf16;
+  throw Error("unknown dtype '" + name + "': use f32, f64, f16 or bf16");
+}
+
+std::string layout_name(Layout layout) {
+  return layout == Layout::channels_last ? "nhwc" : "nchw";
+}
+
+Layout parse_layout(const std::string& name) {
+  if (name == "nhwc" || name == "channels_last") return Layout::channels_last;
+  if (name == "nchw" || name == "channels_first") return Layout::channels_first;
+  throw Error("unknown layout '" + name + "': use nhwc (channels last) or nchw (channels first)");
+}
+
+int64_t element_count(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string shape_string(const Shape& shape) {
+  std::ostringstream out;
+  out << '(';
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  if (shape.size() == 1) out << ',';
+  out << ')';
+  return out.str();
+}
+
+}  // namespace distgn

@@ -1,0 +1,621 @@
+// The CPU backend: OpenMP over fixed-size chunks of a cell range, so results
+// do not depend on the thread count. Partial sums accumulate in double; the
+// elementwise arithmetic runs in the plan's compute dtype (SPEC §6, §9).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "core/backend.hpp"
+#include "cpu/cpu_backend.hpp"
+
+namespace distgn {
+namespace {
+
+// Elements one chunk covers: small enough to spread a few large cells over
+// every core, large enough that per-chunk work (shifts, folds) is noise.
+constexpr int64_t kChunkElements = 16384;
+
+inline float widen(float v) { return v; }
+inline double widen(double v) { return v; }
+inline float widen(half_t v) { return to_float(v); }
+inline float widen(bfloat16_t v) { return to_float(v); }
+
+template <class T, class C>
+inline T narrow(C v) {
+  if constexpr (std::is_same_v<T, half_t>) return to_half(float(v));
+  else if constexpr (std::is_same_v<T, bfloat16_t>) return to_bfloat16(float(v));
+  else return T(v);
+}
+
+template <class F>
+void with_storage_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::f32: f(float{}); break;
+    case DType::f64: f(double{}); break;
+    case DType::f16: f(half_t{}); break;
+    case DType::bf16: f(bfloat16_t{}); break;
+  }
+}
+
+template <class F>
+void with_compute_type(DType dtype, F&& f) {
+  if (dtype == DType::f64) f(double{});
+  else f(float{});
+}
+
+// How a cell range is cut into chunks.
+//  channel_rows: chunk k covers rows [r0, r1) of slab (k / per_slab); a slab
+//    is one `outer` index, cells_per_row cells.
+//  contiguous_cells: chunk k covers elements [e0, e1) of cell (k / per_cell).
+struct Chunking {
+  int64_t count = 0;
+  int64_t per_group = 0;  // chunks per slab (rows) or per cell (contiguous)
+  int64_t step = 0;       // rows or elements per chunk
+};
+
+Chunking chunking(const Plan& plan, CellRange cells) {
+  Chunking c;
+  if (plan.form == Plan::Form::channel_rows) {
+    const int64_t slabs = cells.size() / plan.cells_per_row;
+    c.step = std::clamp<int64_t>(kChunkElements / std::max<int64_t>(plan.row_width, 1), 1,
+                                 std::max<int64_t>(plan.rows, 1));
+    c.per_group = (plan.rows + c.step - 1) / c.step;
+    c.count = slabs * c.per_group;
+  } else {
+    const int64_t length = plan.cell_elements;
+    c.per_group = std::max<int64_t>(1, (length + kChunkElements - 1) / kChunkElements);
+    c.step = (length + c.per_group - 1) / c.per_group;
+    c.count = cells.size() * c.per_group;
+  }
+  return c;
+}
+
+// The first valid, finite value among `count` elements `stride` apart
+// starting at `first` (0 if none): the shift of a chunk's sums.
+template <class T>
+double first_valid(const T* x, const uint8_t* mask, int64_t first, int64_t count, int64_t stride) {
+  for (int64_t i = 0, p = first; i < count; ++i, p += stride) {
+    if (mask && !mask[p]) continue;
+    const double v = widen(x[p]);
+    if (std::isfinite(v)) return v;
+  }
+  return 0.0;
+}
+
+class CpuBackend final : public Backend {
+ public:
+  void partial_stats(const KernelInputs& in, CellRange cells, CellMoments* moments) override {
+    with_storage_type(in.plan->input_dtype, [&](auto tag) {
+      using T = decltype(tag);
+      if (in.plan->form == Plan::Form::channel_rows)
+        stats_rows<T>(in, cells, moments);
+      else
+        stats_contiguous<T>(in, cells, moments);
+    });
+  }
+
+  void normalize(const KernelInputs& in, CellRange cells, const Coefficients& coef, void* y,
+                 DType y_dtype) override {
+    with_storage_type(in.plan->input_dtype, [&](auto x_tag) {
+      with_storage_type(y_dtype, [&](auto y_tag) {
+        with_compute_type(coef.compute_dtype, [&](auto c_tag) {
+          using T = decltype(x_tag);
+          using Y = decltype(y_tag);
+          using C = decltype(c_tag);
+          if (in.plan->form == Plan::Form::channel_rows)
+            normalize_rows<T, Y, C>(in, cells, coef, static_cast<Y*>(y));
+          else
+            normalize_contiguous<T, Y, C>(in, cells, coef, static_cast<Y*>(y));
+        });
+      });
+    });
+  }
+
+  void backward_sums(const KernelInputs& in, const void* dy, DType dy_dtype, CellRange cells,
+                     const Coefficients& coef, double* cell_sums, double* channel_sums) override {
+    with_storage_type(in.plan->input_dtype, [&](auto x_tag) {
+      with_storage_type(dy_dtype, [&](auto dy_tag) {
+        with_compute_type(coef.compute_dtype, [&](auto c_tag) {
+          using T = decltype(x_tag);
+          using D = decltype(dy_tag);
+          using C = decltype(c_tag);
+          if (in.plan->form == Plan::Form::channel_rows)
+            backward_sums_rows<T, D, C>(in, static_cast<const D*>(dy), cells, coef, cell_sums,
+                                        channel_sums);
+          else
+            backward_sums_contiguous<T, D, C>(in, static_cast<const D*>(dy), cells, coef,
+                                              cell_sums, channel_sums);
+        });
+      });
+    });
+  }
+
+  void input_grad(const KernelInputs& in, const void* dy, DType dy_dtype, CellRange cells,
+                  const Coefficients& coef, const double* cell_terms, void* dx) override {
+    with_storage_type(in.plan->input_dtype, [&](auto x_tag) {
+      with_storage_type(dy_dtype, [&](auto dy_tag) {
+        with_compute_type(coef.compute_dtype, [&](auto c_tag) {
+          using T = decltype(x_tag);
+          using D = decltype(dy_tag);
+          using C = decltype(c_tag);
+          if (in.plan->form == Plan::Form::channel_rows)
+            input_grad_rows<T, D, C>(in, static_cast<const D*>(dy), cells, coef, cell_terms,
+                                     static_cast<T*>(dx));
+          else
+            input_grad_contiguous<T, D, C>(in, static_cast<const D*>(dy), cells, coef,
+                                           cell_terms, static_cast<T*>(dx));
+        });
+      });
+    });
+  }
+
+  void permute(const Plan& plan, const void* src, void* dst, int element_bytes,
+               bool gather) override;
+
+ private:
+  // Scratch each thread reuses across calls, so steady-state calls allocate
+  // nothing.
+  double* thread_scratch(size_t doubles) {
+    auto& buffer = scratch_[omp_get_thread_num()];
+    if (buffer.size() < doubles) buffer.resize(doubles);
+    return buffer.data();
+  }
+  void reserve_threads() {
+    const size_t threads = size_t(omp_get_max_threads());
+    if (scratch_.size() < threads) scratch_.resize(threads);
+  }
+  template <class V>
+  V* chunk_buffer(std::vector<V>& buffer, size_t count) {
+    if (buffer.size() < count) buffer.resize(count);
+    return buffer.data();
+  }
+
+  // ---- channel_rows: x is [outer][rows][row_width] -------------------------
+
+  template <class T>
+  void stats_rows(const KernelInputs& in, CellRange cells, CellMoments* moments) {
+    const Plan& p = *in.plan;
+    const int64_t width = p.row_width, per_row = p.cells_per_row, S = p.group_size;
+    const Chunking ch = chunking(p, cells);
+    const int64_t first_slab = cells.begin / per_row;
+    CellMoments* chunk_moments = chunk_buffer(moments_, size_t(ch.count * per_row));
+    const T* x = static_cast<const T*>(in.x);
+    reserve_threads();
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const int64_t slab = first_slab + k / ch.per_group;
+      const int64_t r0 = (k % ch.per_group) * ch.step, r1 = std::min(p.rows, r0 + ch.step);
+      const int64_t base = (slab * p.rows + r0) * width;
+      double* scratch = thread_scratch(size_t(4 * width));
+      double *shift = scratch, *sum = scratch + width, *sum_sq = sum + width, *count = sum_sq + width;
+      for (int64_t q = 0; q < per_row; ++q) {
+        // Column-major scan of the group's block: usually the first element.
+        double s = 0.0;
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t at = (slab * p.rows + r) * width + q * S;
+          bool found = false;
+          for (int64_t j = 0; j < S && !found; ++j) {
+            if (in.mask && !in.mask[at + j]) continue;
+            const double v = widen(x[at + j]);
+            if (std::isfinite(v)) { s = v; found = true; }
+          }
+          if (found) break;
+        }
+        std::fill(shift + q * S, shift + (q + 1) * S, s);
+      }
+      std::fill(sum, sum + 3 * width, 0.0);
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* row = x + base + (r - r0) * width;
+        if (in.mask) {
+          const uint8_t* m = in.mask + base + (r - r0) * width;
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j) {
+            const double d = m[j] ? double(widen(row[j])) - shift[j] : 0.0;
+            sum[j] += d;
+            sum_sq[j] += d * d;
+            count[j] += m[j] ? 1.0 : 0.0;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j) {
+            const double d = double(widen(row[j])) - shift[j];
+            sum[j] += d;
+            sum_sq[j] += d * d;
+          }
+        }
+      }
+      for (int64_t q = 0; q < per_row; ++q) {
+        double n = 0, s1 = 0, s2 = 0;
+        for (int64_t j = q * S; j < (q + 1) * S; ++j) {
+          s1 += sum[j];
+          s2 += sum_sq[j];
+          n += count[j];
+        }
+        if (!in.mask) n = double((r1 - r0) * S);
+        chunk_moments[k * per_row + q] = moments_from_shifted_sums(n, shift[q * S], s1, s2);
+      }
+    }
+    for (int64_t i = 0; i < cells.size(); ++i) {
+      const int64_t slab = i / per_row, q = i % per_row;
+      CellMoments m{0, 0, 0};
+      for (int64_t c = 0; c < ch.per_group; ++c)
+        m = merge_moments(m, chunk_moments[(slab * ch.per_group + c) * per_row + q]);
+      moments[cells.begin + i] = m;
+    }
+  }
+
+  // Per-column coefficients of one slab: mean, rstd*scale, bias (and for
+  // backward rstd, scale, a, b). Each thread keeps those of its current slab.
+  template <class C>
+  struct RowCoefficients {
+    int64_t slab = -1;
+    std::vector<C> mean, rstd, mul, bias, scale, a, b;
+  };
+
+  template <class C>
+  void fill_row_coefficients(const Plan& p, const Coefficients& coef, const double* cell_terms,
+                             int64_t slab, RowCoefficients<C>& rc) {
+    const int64_t width = p.row_width;
+    for (auto* v : {&rc.mean, &rc.rstd, &rc.mul, &rc.bias, &rc.scale, &rc.a, &rc.b})
+      v->resize(size_t(width));
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t cell = slab * p.cells_per_row + j / p.group_size, c = j % p.channels;
+      const C r = C(coef.rstd[cell]);
+      const C scale = coef.scale ? C(coef.scale[c]) : C(1);
+      rc.mean[j] = C(coef.mean[cell]);
+      rc.rstd[j] = r;
+      rc.scale[j] = scale;
+      rc.mul[j] = coef.scale ? r * scale : r;
+      rc.bias[j] = coef.bias ? C(coef.bias[c]) : C(0);
+      if (cell_terms) {
+        rc.a[j] = C(cell_terms[2 * cell]);
+        rc.b[j] = C(cell_terms[2 * cell + 1]);
+      }
+    }
+    rc.slab = slab;
+  }
+
+  template <class T, class Y, class C>
+  void normalize_rows(const KernelInputs& in, CellRange cells, const Coefficients& coef, Y* y) {
+    const Plan& p = *in.plan;
+    const int64_t width = p.row_width;
+    const Chunking ch = chunking(p, cells);
+    const int64_t first_slab = cells.begin / p.cells_per_row;
+    const T* x = static_cast<const T*>(in.x);
+#pragma omp parallel
+    {
+      RowCoefficients<C> rc;
+#pragma omp for schedule(static)
+      for (int64_t k = 0; k < ch.count; ++k) {
+        const int64_t slab = first_slab + k / ch.per_group;
+        const int64_t r0 = (k % ch.per_group) * ch.step, r1 = std::min(p.rows, r0 + ch.step);
+        if (rc.slab != slab) fill_row_coefficients(p, coef, nullptr, slab, rc);
+        const C *mean = rc.mean.data(), *mul = rc.mul.data(), *bias = rc.bias.data();
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t at = (slab * p.rows + r) * width;
+          const T* xr = x + at;
+          Y* yr = y + at;
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j)
+            yr[j] = narrow<Y>((C(widen(xr[j])) - mean[j]) * mul[j] + bias[j]);
+        }
+      }
+    }
+  }
+
+  template <class T, class D, class C>
+  void backward_sums_rows(const KernelInputs& in, const D* dy, CellRange cells,
+                          const Coefficients& coef, double* cell_sums, double* channel_sums) {
+    const Plan& p = *in.plan;
+    const int64_t width = p.row_width, per_row = p.cells_per_row, S = p.group_size;
+    const int64_t channels = p.channels;
+    const Chunking ch = chunking(p, cells);
+    const int64_t first_slab = cells.begin / per_row;
+    // Per chunk: A and B of its cells, then sum dy and sum dy*xhat per channel.
+    const int64_t stride = 2 * per_row + 2 * channels;
+    double* chunk_sums = chunk_buffer(sums_, size_t(ch.count * stride));
+    const T* x = static_cast<const T*>(in.x);
+    reserve_threads();
+#pragma omp parallel
+    {
+      RowCoefficients<C> rc;
+#pragma omp for schedule(static)
+      for (int64_t k = 0; k < ch.count; ++k) {
+        const int64_t slab = first_slab + k / ch.per_group;
+        const int64_t r0 = (k % ch.per_group) * ch.step, r1 = std::min(p.rows, r0 + ch.step);
+        if (rc.slab != slab) fill_row_coefficients(p, coef, nullptr, slab, rc);
+        const C *mean = rc.mean.data(), *rstd = rc.rstd.data();
+        double* scratch = thread_scratch(size_t(2 * width));
+        double *sum_dy = scratch, *sum_dy_xhat = scratch + width;
+        std::fill(scratch, scratch + 2 * width, 0.0);
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t at = (slab * p.rows + r) * width;
+          const T* xr = x + at;
+          const D* dyr = dy + at;
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j) {
+            const C xhat = (C(widen(xr[j])) - mean[j]) * rstd[j];
+            const double g = double(widen(dyr[j]));
+            sum_dy[j] += g;
+            sum_dy_xhat[j] += g * double(xhat);
+          }
+        }
+        double* out = chunk_sums + k * stride;
+        std::fill(out, out + stride, 0.0);
+        for (int64_t j = 0; j < width; ++j) {
+          const int64_t q = j / S, c = j % channels;
+          const double scale = double(rc.scale[j]);
+          out[2 * q] += scale * sum_dy[j];
+          out[2 * q + 1] += scale * sum_dy_xhat[j];
+          out[2 * per_row + c] += sum_dy[j];
+          out[2 * per_row + channels + c] += sum_dy_xhat[j];
+        }
+      }
+    }
+    std::fill(cell_sums + 2 * cells.begin, cell_sums + 2 * cells.end, 0.0);
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const double* part = chunk_sums + k * stride;
+      double* cell_out = cell_sums + 2 * (cells.begin + (k / ch.per_group) * per_row);
+      for (int64_t i = 0; i < 2 * per_row; ++i) cell_out[i] += part[i];
+      for (int64_t i = 0; i < 2 * channels; ++i) channel_sums[i] += part[2 * per_row + i];
+    }
+  }
+
+  template <class T, class D, class C>
+  void input_grad_rows(const KernelInputs& in, const D* dy, CellRange cells,
+                       const Coefficients& coef, const double* cell_terms, T* dx) {
+    const Plan& p = *in.plan;
+    const int64_t width = p.row_width;
+    const Chunking ch = chunking(p, cells);
+    const int64_t first_slab = cells.begin / p.cells_per_row;
+    const T* x = static_cast<const T*>(in.x);
+#pragma omp parallel
+    {
+      RowCoefficients<C> rc;
+#pragma omp for schedule(static)
+      for (int64_t k = 0; k < ch.count; ++k) {
+        const int64_t slab = first_slab + k / ch.per_group;
+        const int64_t r0 = (k % ch.per_group) * ch.step, r1 = std::min(p.rows, r0 + ch.step);
+        if (rc.slab != slab) fill_row_coefficients(p, coef, cell_terms, slab, rc);
+        const C *mean = rc.mean.data(), *rstd = rc.rstd.data(), *scale = rc.scale.data();
+        const C *a = rc.a.data(), *b = rc.b.data();
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t at = (slab * p.rows + r) * width;
+          const T* xr = x + at;
+          const D* dyr = dy + at;
+          T* dxr = dx + at;
+          if (in.mask) {
+            const uint8_t* m = in.mask + at;
+#pragma omp simd
+            for (int64_t j = 0; j < width; ++j) {
+              const C xhat = (C(widen(xr[j])) - mean[j]) * rstd[j];
+              const C g = C(widen(dyr[j])) * scale[j];
+              const C stat_term = m[j] ? a[j] + xhat * b[j] : C(0);
+              dxr[j] = narrow<T>(rstd[j] * (g - stat_term));
+            }
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < width; ++j) {
+              const C xhat = (C(widen(xr[j])) - mean[j]) * rstd[j];
+              const C g = C(widen(dyr[j])) * scale[j];
+              dxr[j] = narrow<T>(rstd[j] * (g - (a[j] + xhat * b[j])));
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // ---- contiguous_cells: x is [cells][S][inner] ----------------------------
+
+  template <class T>
+  void stats_contiguous(const KernelInputs& in, CellRange cells, CellMoments* moments) {
+    const Plan& p = *in.plan;
+    const int64_t length = p.cell_elements;
+    const Chunking ch = chunking(p, cells);
+    CellMoments* chunk_moments = chunk_buffer(moments_, size_t(ch.count));
+    const T* x = static_cast<const T*>(in.x);
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const int64_t cell = cells.begin + k / ch.per_group;
+      const int64_t e0 = (k % ch.per_group) * ch.step, e1 = std::min(length, e0 + ch.step);
+      const int64_t base = cell * length;
+      const double shift = first_valid(x, in.mask, base + e0, e1 - e0, 1);
+      double sum = 0, sum_sq = 0, count = double(e1 - e0);
+      if (in.mask) {
+        count = 0;
+        const uint8_t* m = in.mask + base;
+#pragma omp simd reduction(+ : sum, sum_sq, count)
+        for (int64_t e = e0; e < e1; ++e) {
+          const double d = m[e] ? double(widen(x[base + e])) - shift : 0.0;
+          sum += d;
+          sum_sq += d * d;
+          count += m[e] ? 1.0 : 0.0;
+        }
+      } else {
+#pragma omp simd reduction(+ : sum, sum_sq)
+        for (int64_t e = e0; e < e1; ++e) {
+          const double d = double(widen(x[base + e])) - shift;
+          sum += d;
+          sum_sq += d * d;
+        }
+      }
+      chunk_moments[k] = moments_from_shifted_sums(count, shift, sum, sum_sq);
+    }
+    for (int64_t i = 0; i < cells.size(); ++i) {
+      CellMoments m{0, 0, 0};
+      for (int64_t c = 0; c < ch.per_group; ++c)
+        m = merge_moments(m, chunk_moments[i * ch.per_group + c]);
+      moments[cells.begin + i] = m;
+    }
+  }
+
+  // Calls f(channel, first, last) for each run of one channel within
+  // elements [e0, e1) of a cell.
+  template <class F>
+  static void for_channel_runs(const Plan& p, int64_t cell, int64_t e0, int64_t e1, F&& f) {
+    const int64_t inner = p.inner, group = cell % p.num_groups;
+    for (int64_t e = e0; e < e1;) {
+      const int64_t s = e / inner, run_end = std::min(e1, (s + 1) * inner);
+      f(group * p.group_size + s, e, run_end);
+      e = run_end;
+    }
+  }
+
+  template <class T, class Y, class C>
+  void normalize_contiguous(const KernelInputs& in, CellRange cells, const Coefficients& coef,
+                            Y* y) {
+    const Plan& p = *in.plan;
+    const int64_t length = p.cell_elements;
+    const Chunking ch = chunking(p, cells);
+    const T* x = static_cast<const T*>(in.x);
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const int64_t cell = cells.begin + k / ch.per_group;
+      const int64_t e0 = (k % ch.per_group) * ch.step, e1 = std::min(length, e0 + ch.step);
+      const int64_t base = cell * length;
+      const C mean = C(coef.mean[cell]), r = C(coef.rstd[cell]);
+      for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
+        const C mul = coef.scale ? r * C(coef.scale[c]) : r;
+        const C bias = coef.bias ? C(coef.bias[c]) : C(0);
+        const T* xc = x + base;
+        Y* yc = y + base;
+#pragma omp simd
+        for (int64_t e = first; e < last; ++e) yc[e] = narrow<Y>((C(widen(xc[e])) - mean) * mul + bias);
+      });
+    }
+  }
+
+  template <class T, class D, class C>
+  void backward_sums_contiguous(const KernelInputs& in, const D* dy, CellRange cells,
+                                const Coefficients& coef, double* cell_sums,
+                                double* channel_sums) {
+    const Plan& p = *in.plan;
+    const int64_t length = p.cell_elements, S = p.group_size;
+    const Chunking ch = chunking(p, cells);
+    // Per chunk: A, B, then sum dy and sum dy*xhat per channel of its group.
+    const int64_t stride = 2 + 2 * S;
+    double* chunk_sums = chunk_buffer(sums_, size_t(ch.count * stride));
+    const T* x = static_cast<const T*>(in.x);
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const int64_t cell = cells.begin + k / ch.per_group;
+      const int64_t e0 = (k % ch.per_group) * ch.step, e1 = std::min(length, e0 + ch.step);
+      const int64_t base = cell * length, group = cell % p.num_groups;
+      const C mean = C(coef.mean[cell]), r = C(coef.rstd[cell]);
+      double* out = chunk_sums + k * stride;
+      std::fill(out, out + stride, 0.0);
+      for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
+        double sum_dy = 0, sum_dy_xhat = 0;
+#pragma omp simd reduction(+ : sum_dy, sum_dy_xhat)
+        for (int64_t e = first; e < last; ++e) {
+          const C xhat = (C(widen(x[base + e])) - mean) * r;
+          const double g = double(widen(dy[base + e]));
+          sum_dy += g;
+          sum_dy_xhat += g * double(xhat);
+        }
+        const double scale = coef.scale ? double(C(coef.scale[c])) : 1.0;
+        out[0] += scale * sum_dy;
+        out[1] += scale * sum_dy_xhat;
+        out[2 + (c - group * S)] += sum_dy;
+        out[2 + S + (c - group * S)] += sum_dy_xhat;
+      });
+    }
+    std::fill(cell_sums + 2 * cells.begin, cell_sums + 2 * cells.end, 0.0);
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const double* part = chunk_sums + k * stride;
+      const int64_t cell = cells.begin + k / ch.per_group, group = cell % p.num_groups;
+      cell_sums[2 * cell] += part[0];
+      cell_sums[2 * cell + 1] += part[1];
+      for (int64_t s = 0; s < S; ++s) {
+        channel_sums[group * S + s] += part[2 + s];
+        channel_sums[p.channels + group * S + s] += part[2 + S + s];
+      }
+    }
+  }
+
+  template <class T, class D, class C>
+  void input_grad_contiguous(const KernelInputs& in, const D* dy, CellRange cells,
+                             const Coefficients& coef, const double* cell_terms, T* dx) {
+    const Plan& p = *in.plan;
+    const int64_t length = p.cell_elements;
+    const Chunking ch = chunking(p, cells);
+    const T* x = static_cast<const T*>(in.x);
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const int64_t cell = cells.begin + k / ch.per_group;
+      const int64_t e0 = (k % ch.per_group) * ch.step, e1 = std::min(length, e0 + ch.step);
+      const int64_t base = cell * length;
+      const C mean = C(coef.mean[cell]), r = C(coef.rstd[cell]);
+      const C a = C(cell_terms[2 * cell]), b = C(cell_terms[2 * cell + 1]);
+      for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
+        const C scale = coef.scale ? C(coef.scale[c]) : C(1);
+        if (in.mask) {
+          const uint8_t* m = in.mask + base;
+#pragma omp simd
+          for (int64_t e = first; e < last; ++e) {
+            const C xhat = (C(widen(x[base + e])) - mean) * r;
+            const C g = C(widen(dy[base + e])) * scale;
+            dx[base + e] = narrow<T>(r * (g - (m[e] ? a + xhat * b : C(0))));
+          }
+        } else {
+#pragma omp simd
+          for (int64_t e = first; e < last; ++e) {
+            const C xhat = (C(widen(x[base + e])) - mean) * r;
+            const C g = C(widen(dy[base + e])) * scale;
+            dx[base + e] = narrow<T>(r * (g - (a + xhat * b)));
+          }
+        }
+      });
+    }
+  }
+
+  std::vector<std::vector<double>> scratch_;
+  std::vector<CellMoments> moments_;
+  std::vector<double> sums_;
+};
+
+void CpuBackend::permute(const Plan& plan, const void* src, void* dst, int element_bytes,
+                         bool gather) {
+  // Walk the gathered order; for each gathered index find the source offset.
+  const int rank = int(plan.permutation.size());
+  std::vector<int64_t> source_stride(plan.split_shape.size());
+  int64_t stride = 1;
+  for (int d = int(plan.split_shape.size()) - 1; d >= 0; --d) {
+    source_stride[size_t(d)] = stride;
+    stride *= plan.split_shape[size_t(d)];
+  }
+  const int64_t total = stride;
+  if (total == 0) return;
+  std::vector<int64_t> gathered_stride(static_cast<size_t>(rank));
+  for (int d = 0; d < rank; ++d) gathered_stride[size_t(d)] = source_stride[size_t(plan.permutation[size_t(d)])];
+  // The innermost gathered axis is copied as a strided run.
+  const int64_t run = plan.permuted_shape[size_t(rank - 1)];
+  const int64_t run_stride = gathered_stride[size_t(rank - 1)];
+  const int64_t runs = total / run;
+  const auto* in = static_cast<const uint8_t*>(src);
+  auto* out = static_cast<uint8_t*>(dst);
+#pragma omp parallel for schedule(static)
+  for (int64_t k = 0; k < runs; ++k) {
+    int64_t rest = k, offset = 0;
+    for (int d = rank - 2; d >= 0; --d) {
+      const int64_t extent = plan.permuted_shape[size_t(d)];
+      offset += (rest % extent) * gathered_stride[size_t(d)];
+      rest /= extent;
+    }
+    for (int64_t e = 0; e < run; ++e) {
+      const int64_t s = (offset + e * run_stride) * element_bytes, g = (k * run + e) * element_bytes;
+      if (gather) std::copy(in + s, in + s + element_bytes, out + g);
+      else std::copy(in + g, in + g + element_bytes, out + s);
+    }
+  }
+}
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace distgn
