@@ -1,0 +1,325 @@
+// The distributed layer under mpiexec with any number of ranks (CTest runs
+// 1, 2, 3 and 4): results equal the single-process layer on the
+// concatenated data, one collective per call, bitwise-identical statistics
+// within a group, and bad input failing on every rank instead of hanging.
+#include <omp.h>
+
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "distgn/error.hpp"
+#include "distgn/group_norm.hpp"
+
+using namespace distgn;
+
+namespace {
+
+int world_rank() { return mpi_communicator()->rank(); }
+int world_size() { return mpi_communicator()->size(); }
+
+// A float64 host array.
+struct Array {
+  Shape shape;
+  std::vector<double> v;
+  TensorView view(Layout layout) { return {v.data(), shape, DType::f64, layout}; }
+};
+
+Array random_array(const Shape& shape, uint64_t seed, double mean = 0.5, double spread = 1.0) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal(mean, spread);
+  Array a{shape, std::vector<double>(size_t(element_count(shape)))};
+  for (double& x : a.v) x = normal(rng);
+  return a;
+}
+
+// numpy.array_split part r of P along `axis`.
+std::pair<int64_t, int64_t> part(int64_t n, int parts, int r) {
+  const int64_t base = n / parts, extra = n % parts;
+  const int64_t begin = r * base + std::min<int64_t>(r, extra);
+  return {begin, begin + base + (r < extra ? 1 : 0)};
+}
+
+template <class T>
+std::vector<T> slice(const std::vector<T>& v, const Shape& shape, int axis, int64_t begin, int64_t end) {
+  int64_t outer = 1, inner = 1;
+  for (int d = 0; d < axis; ++d) outer *= shape[size_t(d)];
+  for (size_t d = size_t(axis) + 1; d < shape.size(); ++d) inner *= shape[d];
+  const int64_t extent = shape[size_t(axis)];
+  std::vector<T> out;
+  for (int64_t o = 0; o < outer; ++o)
+    out.insert(out.end(), v.begin() + (o * extent + begin) * inner, v.begin() + (o * extent + end) * inner);
+  return out;
+}
+
+Array shard(const Array& a, int axis, int parts, int r) {
+  const auto [begin, end] = part(a.shape[size_t(axis)], parts, r);
+  Array out{a.shape, slice(a.v, a.shape, axis, begin, end)};
+  out.shape[size_t(axis)] = end - begin;
+  return out;
+}
+
+struct Result {
+  Array y, dx;
+  std::vector<double> dscale, dbias;
+  ForwardState state;
+};
+
+struct Case {
+  Shape shape;
+  Layout layout = Layout::channels_last;
+  int shard_axis = 1;
+  GroupNormConfig config;
+  bool mask = false;
+  double mean = 0.5;  // of the generated data
+};
+
+// Forward and backward of `layer` on one shard (dscale/dbias reduced as asked).
+Result run(GroupNorm& layer, const Case& c, Array x, Array dy, std::vector<uint8_t>* mask,
+           ParamGradReduction reduction) {
+  Result r;
+  r.y = {x.shape, std::vector<double>(x.v.size())};
+  r.dx = {x.shape, std::vector<double>(x.v.size())};
+  const Plan plan = layer.plan(x.shape, c.layout, DType::f64);
+  layer.init_parameters(plan.channels);
+  // Non-trivial parameters, the same on every rank.
+  Array scale = random_array({plan.channels}, 77, 1.0, 0.3), bias = random_array({plan.channels}, 78, 0.0, 0.5);
+  std::vector<float> scale32(scale.v.begin(), scale.v.end()), bias32(bias.v.begin(), bias.v.end());
+  layer.set_scale({scale32.data(), {plan.channels}, DType::f32});
+  layer.set_bias({bias32.data(), {plan.channels}, DType::f32});
+  MaskView mask_view{mask ? mask->data() : nullptr, x.shape};
+  const MaskView* m = mask ? &mask_view : nullptr;
+  layer.forward(x.view(c.layout), r.y.view(c.layout), m, &r.state);
+  std::vector<float> dscale(size_t(plan.channels)), dbias(size_t(plan.channels));
+  TensorView dscale_view{dscale.data(), {plan.channels}, DType::f32};
+  TensorView dbias_view{dbias.data(), {plan.channels}, DType::f32};
+  layer.backward(x.view(c.layout), dy.view(c.layout), m, r.state, r.dx.view(c.layout), &dscale_view,
+                 &dbias_view, reduction);
+  r.dscale.assign(dscale.begin(), dscale.end());
+  r.dbias.assign(dbias.begin(), dbias.end());
+  return r;
+}
+
+double max_difference(const std::vector<double>& a, const std::vector<double>& b) {
+  REQUIRE(a.size() == b.size());
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::isnan(a[i]) != std::isnan(b[i])) return INFINITY;
+    if (!std::isnan(a[i])) worst = std::max(worst, std::fabs(a[i] - b[i]));
+  }
+  return worst;
+}
+
+std::vector<int> all_ranks() {
+  std::vector<int> r(static_cast<size_t>(world_size()));
+  for (int i = 0; i < world_size(); ++i) r[size_t(i)] = i;
+  return r;
+}
+
+// The distributed result of this rank's shard against the single-process
+// result on the whole array of its group: c.config.axis_index_groups (or all
+// ranks) decides which ranks share the data, split along c.shard_axis.
+void check_against_single_process(const Case& c) {
+  const int rank = world_rank();
+  std::vector<int> members = all_ranks();
+  if (c.config.axis_index_groups)
+    for (const auto& g : *c.config.axis_index_groups)
+      if (std::find(g.begin(), g.end(), rank) != g.end()) members = g;
+  const int position = int(std::find(members.begin(), members.end(), rank) - members.begin());
+  const int parts = int(members.size());
+  const Array x = random_array(c.shape, 1, c.mean), dy = random_array(c.shape, 2);
+  std::vector<uint8_t> mask;
+  if (c.mask) {
+    std::mt19937 rng(3);
+    for (int64_t i = 0; i < element_count(c.shape); ++i) mask.push_back(rng() % 4 != 0);
+  }
+  GroupNormConfig single_config = c.config;
+  single_config.axis_index_groups.reset();
+  GroupNorm single(single_config);
+  const Result whole = run(single, c, x, dy, c.mask ? &mask : nullptr, ParamGradReduction::local);
+
+  GroupNorm layer(c.config, mpi_communicator());
+  CHECK(layer.group_communicator().size() == parts);
+  const Array x_part = shard(x, c.shard_axis, parts, position), dy_part = shard(dy, c.shard_axis, parts, position);
+  std::vector<uint8_t> mask_part;
+  if (c.mask) {
+    const auto [begin, end] = part(c.shape[size_t(c.shard_axis)], parts, position);
+    mask_part = slice(mask, c.shape, c.shard_axis, begin, end);
+  }
+  const Result mine = run(layer, c, x_part, dy_part, c.mask ? &mask_part : nullptr, ParamGradReduction::group);
+
+  CHECK(max_difference(mine.y.v, shard(whole.y, c.shard_axis, parts, position).v) < 1e-9);
+  CHECK(max_difference(mine.dx.v, shard(whole.dx, c.shard_axis, parts, position).v) < 1e-9);
+  CHECK(max_difference(mine.dscale, whole.dscale) < 1e-4);  // float32 parameters
+  CHECK(max_difference(mine.dbias, whole.dbias) < 1e-4);
+}
+
+}  // namespace
+
+TEST_CASE("mpi group norm: equals the single-process layer on the concatenated shards", "[mpi]") {
+  omp_set_num_threads(1);
+  Case c;
+  c.config.num_groups = 4;
+  SECTION("channels last, unequal shards along H") {
+    c.shape = {2, 7, 5, 16};
+    check_against_single_process(c);
+  }
+  SECTION("channels last, shards along W, exact variance") {
+    c.shape = {2, 4, 9, 8};
+    c.shard_axis = 2;
+    c.config.use_fast_variance = false;
+    check_against_single_process(c);
+  }
+  SECTION("channels first, shards along H, with a mask") {
+    c.shape = {2, 8, 6, 5};
+    c.layout = Layout::channels_first;
+    c.shard_axis = 2;
+    c.mask = true;
+    check_against_single_process(c);
+  }
+  SECTION("custom reduction axes take the gathered path") {
+    c.shape = {3, 5, 4, 8};
+    c.config.reduction_axes = std::vector<int64_t>{0, 1, 3};
+    c.shard_axis = 1;
+    check_against_single_process(c);
+  }
+  SECTION("fewer positions than ranks: some shards are empty") {
+    c.shape = {2, 3, 2, 8};
+    c.mask = true;
+    check_against_single_process(c);
+  }
+  SECTION("exact variance at |mean|/std = 1e4") {
+    c.shape = {2, 6, 6, 8};
+    c.mean = 1e4;
+    c.config.use_fast_variance = false;
+    check_against_single_process(c);
+  }
+}
+
+TEST_CASE("mpi group norm: axis_index_groups merge statistics within each group only", "[mpi]") {
+  omp_set_num_threads(1);
+  if (world_size() != 4) return;  // the groups below are over 4 ranks
+  Case c;
+  c.shape = {2, 7, 5, 16};
+  c.config.num_groups = 4;
+  SECTION("[[0, 2], [1, 3]]") {
+    c.config.axis_index_groups = std::vector<std::vector<int>>{{0, 2}, {1, 3}};
+    check_against_single_process(c);
+  }
+  SECTION("unequal groups [[0, 1, 2], [3]], exact variance, masked") {
+    c.config.axis_index_groups = std::vector<std::vector<int>>{{0, 1, 2}, {3}};
+    c.config.use_fast_variance = false;
+    c.mask = true;
+    check_against_single_process(c);
+  }
+}
+
+TEST_CASE("mpi group norm: one collective per forward and per backward call", "[mpi]") {
+  omp_set_num_threads(1);
+  auto counting = std::make_shared<CountingCommunicator>(mpi_communicator());
+  GroupNormConfig config;
+  config.num_groups = 2;
+  GroupNorm layer(config, counting);
+  Array x = random_array({2, 3, 4, 8}, 10 + uint64_t(world_rank())), dy = random_array({2, 3, 4, 8}, 20);
+  Array y{x.shape, std::vector<double>(x.v.size())}, dx = y;
+  ForwardState state;
+  layer.forward(x.view(Layout::channels_last), y.view(Layout::channels_last), nullptr, &state);  // agrees on the shape
+  for (int call = 0; call < 3; ++call) {
+    counting->reset();
+    layer.forward(x.view(Layout::channels_last), y.view(Layout::channels_last), nullptr, &state);
+    CHECK(counting->counts().collectives == (world_size() > 1 ? 1 : 0));
+    counting->reset();
+    layer.backward(x.view(Layout::channels_last), dy.view(Layout::channels_last), nullptr, state,
+                   dx.view(Layout::channels_last));
+    CHECK(counting->counts().collectives == (world_size() > 1 ? 1 : 0));
+  }
+  // The payload is per cell: small and independent of the shard size.
+  counting->reset();
+  layer.forward(x.view(Layout::channels_last), y.view(Layout::channels_last), nullptr, &state);
+  CHECK(counting->counts().bytes == (world_size() > 1 ? int64_t(8 * (1 + 3 * 2 * 2)) : 0));
+}
+
+TEST_CASE("mpi group norm: statistics are bitwise identical on every rank of a group", "[mpi]") {
+  omp_set_num_threads(1);
+  GroupNormConfig config;
+  config.num_groups = 4;
+  config.use_fast_variance = false;
+  auto comm = mpi_communicator();
+  GroupNorm layer(config, comm);
+  // Different data and shard sizes on every rank.
+  Array x = random_array({2, 3 + world_rank(), 5, 8}, 30 + uint64_t(world_rank()), 3.0);
+  Array y{x.shape, std::vector<double>(x.v.size())};
+  ForwardState state;
+  layer.forward(x.view(Layout::channels_last), y.view(Layout::channels_last), nullptr, &state);
+  std::vector<double> mine = state.mean;
+  mine.insert(mine.end(), state.rstd.begin(), state.rstd.end());
+  std::vector<double> all(mine.size() * size_t(world_size()));
+  comm->allgather(mine.data(), mine.size(), all.data());
+  for (int r = 0; r < world_size(); ++r)
+    CHECK(std::memcmp(all.data() + size_t(r) * mine.size(), mine.data(), mine.size() * sizeof(double)) == 0);
+}
+
+TEST_CASE("mpi group norm: invalid or disagreeing input fails on every rank, then the layer works again", "[mpi]") {
+  omp_set_num_threads(1);
+  auto comm = mpi_communicator();
+  const int rank = comm->rank(), ranks = comm->size();
+  GroupNormConfig config;
+  config.num_groups = 2;
+
+  SECTION("axis_index_groups that do not cover every rank exactly once") {
+    GroupNormConfig bad = config;
+    bad.axis_index_groups = std::vector<std::vector<int>>{{0}, {0}};
+    CHECK_THROWS_WITH(GroupNorm(bad, comm), "axis_index_groups must cover all indices exactly once");
+  }
+  SECTION("a group of ranks not in the communicator") {
+    GroupNormConfig bad = config;
+    bad.axis_index_groups = std::vector<std::vector<int>>{all_ranks(), {ranks}};
+    CHECK_THROWS_WITH(GroupNorm(bad, comm), "axis_index_groups must cover all indices exactly once");
+  }
+  if (ranks == 1) return;  // what follows needs a second rank to disagree with
+
+  GroupNorm layer(config, comm);
+  Array x = random_array({2, 3, 4, 8}, 40), dy = random_array({2, 3, 4, 8}, 41);
+  Array y{x.shape, std::vector<double>(x.v.size())}, dx = y;
+  ForwardState state;
+  auto forward = [&](Array& input, Array& output, const MaskView* mask = nullptr) {
+    layer.forward(input.view(Layout::channels_last), output.view(Layout::channels_last), mask, &state);
+  };
+  forward(x, y);
+
+  SECTION("one rank has a different channel count") {
+    Array other = random_array({2, 3, 4, rank == 1 ? 6 : 8}, 42), out{other.shape, std::vector<double>(other.v.size())};
+    CHECK_THROWS_AS(forward(other, out), Error);
+  }
+  SECTION("one rank has a different batch size (a non-reduced axis)") {
+    Array other = random_array({rank == 1 ? 3 : 2, 3, 4, 8}, 43), out{other.shape, std::vector<double>(other.v.size())};
+    CHECK_THROWS_WITH(forward(other, out), Catch::Contains("disagree"));
+  }
+  SECTION("one rank alone has an invalid mask") {
+    std::vector<uint8_t> bits(8, 1);
+    MaskView bad{bits.data(), {rank == 1 ? 7 : 8}};
+    const MaskView* mask = rank == 1 ? &bad : nullptr;
+    if (rank == 1)
+      CHECK_THROWS_WITH(forward(x, y, mask), Catch::Contains("mask of shape (7,)"));
+    else
+      CHECK_THROWS_WITH(forward(x, y, mask), Catch::Contains("rank 1") && Catch::Contains("mask of shape (7,)"));
+  }
+  SECTION("one rank alone passes a dy of the wrong shape to backward") {
+    Array bad_dy = random_array({2, 3, 4, rank == 1 ? 4 : 8}, 44);
+    CHECK_THROWS_AS(layer.backward(x.view(Layout::channels_last), bad_dy.view(Layout::channels_last), nullptr,
+                                   state, dx.view(Layout::channels_last)),
+                    Error);
+  }
+  SECTION("every rank has a bad group count: SPEC's message everywhere") {
+    GroupNormConfig bad = config;
+    bad.num_groups = 3;
+    GroupNorm bad_layer(bad, comm);
+    CHECK_THROWS_WITH(bad_layer.forward(x.view(Layout::channels_last), y.view(Layout::channels_last)),
+                      "Number of groups (3) does not divide the number of channels (8).");
+  }
+  // After any of the failures above, the same layer agrees again and works.
+  CHECK_NOTHROW(forward(x, y));
+  CHECK_NOTHROW(layer.backward(x.view(Layout::channels_last), dy.view(Layout::channels_last), nullptr, state,
+                               dx.view(Layout::channels_last)));
+}
