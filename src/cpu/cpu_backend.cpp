@@ -15,8 +15,9 @@ namespace distgn {
 namespace {
 
 // Elements one chunk covers: small enough to spread a few large cells over
-// every core, large enough that per-chunk work (shifts, folds) is noise.
-constexpr int64_t kChunkElements = 16384;
+// every core and to stay in L2, large enough that per-chunk work (shifts,
+// folds of per-column sums) is noise.
+constexpr int64_t kChunkElements = 65536;
 
 inline float widen(float v) { return v; }
 inline double widen(double v) { return v; }
@@ -83,6 +84,74 @@ double first_valid(const T* x, const uint8_t* mask, int64_t first, int64_t count
     if (std::isfinite(v)) return v;
   }
   return 0.0;
+}
+
+// Rows of a channel_rows chunk are accumulated into per-column sums four at
+// a time: one pass over the columns per four rows keeps the loads and stores
+// of the (L1-resident) sums a quarter of the data's, and the loop long.
+constexpr int64_t kRowBlock = 4;
+
+// sum[j] += sum over rows of (x - shift[j]), sum_sq[j] += the squares, for
+// `rows` rows of `width` columns starting at x (no mask).
+template <class T>
+void accumulate_shifted_columns(const T* x, int64_t rows, int64_t width, const double* shift,
+                                double* sum, double* sum_sq) {
+  int64_t r = 0;
+  for (; r + kRowBlock <= rows; r += kRowBlock) {
+    const T* x0 = x + r * width;
+    const T *x1 = x0 + width, *x2 = x1 + width, *x3 = x2 + width;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      const double d0 = double(widen(x0[j])) - shift[j], d1 = double(widen(x1[j])) - shift[j];
+      const double d2 = double(widen(x2[j])) - shift[j], d3 = double(widen(x3[j])) - shift[j];
+      sum[j] += (d0 + d1) + (d2 + d3);
+      sum_sq[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    }
+  }
+  for (; r < rows; ++r) {
+    const T* row = x + r * width;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      const double d = double(widen(row[j])) - shift[j];
+      sum[j] += d;
+      sum_sq[j] += d * d;
+    }
+  }
+}
+
+// sum_dy[j] += sum over rows of dy, sum_dy_xhat[j] += sum of dy * xhat with
+// xhat = (x - mean[j]) * rstd[j] in the compute type C.
+template <class T, class D, class C>
+void accumulate_backward_columns(const T* x, const D* dy, int64_t rows, int64_t width, const C* mean,
+                                 const C* rstd, double* sum_dy, double* sum_dy_xhat) {
+  auto term = [&](const T* xr, const D* dyr, int64_t j, double& g) {
+    const C xhat = (C(widen(xr[j])) - mean[j]) * rstd[j];
+    g = double(widen(dyr[j]));
+    return g * double(xhat);
+  };
+  int64_t r = 0;
+  for (; r + kRowBlock <= rows; r += kRowBlock) {
+    const T* x0 = x + r * width;
+    const D* dy0 = dy + r * width;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      double g0, g1, g2, g3;
+      const double p0 = term(x0, dy0, j, g0), p1 = term(x0 + width, dy0 + width, j, g1);
+      const double p2 = term(x0 + 2 * width, dy0 + 2 * width, j, g2);
+      const double p3 = term(x0 + 3 * width, dy0 + 3 * width, j, g3);
+      sum_dy[j] += (g0 + g1) + (g2 + g3);
+      sum_dy_xhat[j] += (p0 + p1) + (p2 + p3);
+    }
+  }
+  for (; r < rows; ++r) {
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      double g;
+      const double p = term(x + r * width, dy + r * width, j, g);
+      sum_dy[j] += g;
+      sum_dy_xhat[j] += p;
+    }
+  }
 }
 
 class CpuBackend final : public Backend {
@@ -207,9 +276,9 @@ class CpuBackend final : public Backend {
         std::fill(shift + q * S, shift + (q + 1) * S, s);
       }
       std::fill(sum, sum + 3 * width, 0.0);
-      for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t r = r0; in.mask && r < r1; ++r) {
         const T* row = x + base + (r - r0) * width;
-        if (in.mask) {
+        {
           const uint8_t* m = in.mask + base + (r - r0) * width;
 #pragma omp simd
           for (int64_t j = 0; j < width; ++j) {
@@ -218,15 +287,9 @@ class CpuBackend final : public Backend {
             sum_sq[j] += d * d;
             count[j] += m[j] ? 1.0 : 0.0;
           }
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < width; ++j) {
-            const double d = double(widen(row[j])) - shift[j];
-            sum[j] += d;
-            sum_sq[j] += d * d;
-          }
         }
       }
+      if (!in.mask) accumulate_shifted_columns(x + base, r1 - r0, width, shift, sum, sum_sq);
       for (int64_t q = 0; q < per_row; ++q) {
         double n = 0, s1 = 0, s2 = 0;
         for (int64_t j = q * S; j < (q + 1) * S; ++j) {
@@ -331,27 +394,25 @@ class CpuBackend final : public Backend {
         double* scratch = thread_scratch(size_t(2 * width));
         double *sum_dy = scratch, *sum_dy_xhat = scratch + width;
         std::fill(scratch, scratch + 2 * width, 0.0);
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t at = (slab * p.rows + r) * width;
-          const T* xr = x + at;
-          const D* dyr = dy + at;
-#pragma omp simd
-          for (int64_t j = 0; j < width; ++j) {
-            const C xhat = (C(widen(xr[j])) - mean[j]) * rstd[j];
-            const double g = double(widen(dyr[j]));
-            sum_dy[j] += g;
-            sum_dy_xhat[j] += g * double(xhat);
-          }
-        }
+        const int64_t at = (slab * p.rows + r0) * width;
+        accumulate_backward_columns(x + at, dy + at, r1 - r0, width, mean, rstd, sum_dy, sum_dy_xhat);
         double* out = chunk_sums + k * stride;
         std::fill(out, out + stride, 0.0);
-        for (int64_t j = 0; j < width; ++j) {
-          const int64_t q = j / S, c = j % channels;
-          const double scale = double(rc.scale[j]);
-          out[2 * q] += scale * sum_dy[j];
-          out[2 * q + 1] += scale * sum_dy_xhat[j];
-          out[2 * per_row + c] += sum_dy[j];
-          out[2 * per_row + channels + c] += sum_dy_xhat[j];
+        double* channel_dy = out + 2 * per_row;
+        double* channel_dy_xhat = channel_dy + channels;
+        for (int64_t q = 0; q < per_row; ++q) {
+          // Columns of cell q: channels (q % G) * S + s.
+          const int64_t j0 = q * S, c0 = (q % p.num_groups) * S;
+          double a = 0, b = 0;
+          for (int64_t s = 0; s < S; ++s) {
+            const double scale = double(rc.scale[j0 + s]);
+            a += scale * sum_dy[j0 + s];
+            b += scale * sum_dy_xhat[j0 + s];
+            channel_dy[c0 + s] += sum_dy[j0 + s];
+            channel_dy_xhat[c0 + s] += sum_dy_xhat[j0 + s];
+          }
+          out[2 * q] = a;
+          out[2 * q + 1] = b;
         }
       }
     }
@@ -425,20 +486,22 @@ class CpuBackend final : public Backend {
       const int64_t base = cell * length;
       const double shift = first_valid(x, in.mask, base + e0, e1 - e0, 1);
       double sum = 0, sum_sq = 0, count = double(e1 - e0);
+      const T* xs = x + base + e0;
+      const int64_t n = e1 - e0;
       if (in.mask) {
         count = 0;
-        const uint8_t* m = in.mask + base;
+        const uint8_t* m = in.mask + base + e0;
 #pragma omp simd reduction(+ : sum, sum_sq, count)
-        for (int64_t e = e0; e < e1; ++e) {
-          const double d = m[e] ? double(widen(x[base + e])) - shift : 0.0;
+        for (int64_t e = 0; e < n; ++e) {
+          const double d = m[e] ? double(widen(xs[e])) - shift : 0.0;
           sum += d;
           sum_sq += d * d;
           count += m[e] ? 1.0 : 0.0;
         }
       } else {
 #pragma omp simd reduction(+ : sum, sum_sq)
-        for (int64_t e = e0; e < e1; ++e) {
-          const double d = double(widen(x[base + e])) - shift;
+        for (int64_t e = 0; e < n; ++e) {
+          const double d = double(widen(xs[e])) - shift;
           sum += d;
           sum_sq += d * d;
         }
@@ -481,10 +544,11 @@ class CpuBackend final : public Backend {
       for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
         const C mul = coef.scale ? r * C(coef.scale[c]) : r;
         const C bias = coef.bias ? C(coef.bias[c]) : C(0);
-        const T* xc = x + base;
-        Y* yc = y + base;
+        const T* xs = x + base + first;
+        Y* ys = y + base + first;
+        const int64_t n = last - first;
 #pragma omp simd
-        for (int64_t e = first; e < last; ++e) yc[e] = narrow<Y>((C(widen(xc[e])) - mean) * mul + bias);
+        for (int64_t e = 0; e < n; ++e) ys[e] = narrow<Y>((C(widen(xs[e])) - mean) * mul + bias);
       });
     }
   }
@@ -510,10 +574,13 @@ class CpuBackend final : public Backend {
       std::fill(out, out + stride, 0.0);
       for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
         double sum_dy = 0, sum_dy_xhat = 0;
+        const T* xs = x + base + first;
+        const D* dys = dy + base + first;
+        const int64_t n = last - first;
 #pragma omp simd reduction(+ : sum_dy, sum_dy_xhat)
-        for (int64_t e = first; e < last; ++e) {
-          const C xhat = (C(widen(x[base + e])) - mean) * r;
-          const double g = double(widen(dy[base + e]));
+        for (int64_t e = 0; e < n; ++e) {
+          const C xhat = (C(widen(xs[e])) - mean) * r;
+          const double g = double(widen(dys[e]));
           sum_dy += g;
           sum_dy_xhat += g * double(xhat);
         }
@@ -553,20 +620,24 @@ class CpuBackend final : public Backend {
       const C a = C(cell_terms[2 * cell]), b = C(cell_terms[2 * cell + 1]);
       for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
         const C scale = coef.scale ? C(coef.scale[c]) : C(1);
+        const T* xs = x + base + first;
+        const D* dys = dy + base + first;
+        T* dxs = dx + base + first;
+        const int64_t n = last - first;
         if (in.mask) {
-          const uint8_t* m = in.mask + base;
+          const uint8_t* m = in.mask + base + first;
 #pragma omp simd
-          for (int64_t e = first; e < last; ++e) {
-            const C xhat = (C(widen(x[base + e])) - mean) * r;
-            const C g = C(widen(dy[base + e])) * scale;
-            dx[base + e] = narrow<T>(r * (g - (m[e] ? a + xhat * b : C(0))));
+          for (int64_t e = 0; e < n; ++e) {
+            const C xhat = (C(widen(xs[e])) - mean) * r;
+            const C g = C(widen(dys[e])) * scale;
+            dxs[e] = narrow<T>(r * (g - (m[e] ? a + xhat * b : C(0))));
           }
         } else {
 #pragma omp simd
-          for (int64_t e = first; e < last; ++e) {
-            const C xhat = (C(widen(x[base + e])) - mean) * r;
-            const C g = C(widen(dy[base + e])) * scale;
-            dx[base + e] = narrow<T>(r * (g - (a + xhat * b)));
+          for (int64_t e = 0; e < n; ++e) {
+            const C xhat = (C(widen(xs[e])) - mean) * r;
+            const C g = C(widen(dys[e])) * scale;
+            dxs[e] = narrow<T>(r * (g - (a + xhat * b)));
           }
         }
       });
