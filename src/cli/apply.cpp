@@ -1,10 +1,14 @@
 // `distgn apply`: load .npy files, shard them over the ranks, run the layer
 // forward (and backward), gather the results on rank 0 and write them.
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <sstream>
 
 #include "cli/cli.hpp"
+#include "core/group_exchange.hpp"
 #include "core/half.hpp"
 #include "distgn/error.hpp"
 #include "distgn/group_norm.hpp"
@@ -40,20 +44,40 @@ void save(const std::string& path, const HostArray& a) {
   io::write_npy(path, a.shape, io::NpyType::f4, wide.data());
 }
 
-void check_sharding(const ApplyOptions& options, const Plan& plan, int ranks) {
-  const Sharding& s = options.sharding;
-  if (s.mode != Sharding::Mode::shard_axis) return;
+// The sharding with a non-negative axis, checked against the plan.
+Sharding checked_sharding(const Sharding& s, const Plan& plan) {
+  if (s.mode != Sharding::Mode::shard_axis) return s;
   const int rank = int(plan.shape.size());
-  if (s.axis < 0 || s.axis >= rank)
+  if (s.axis < -rank || s.axis >= rank)
     throw Error("--shard-axis " + std::to_string(s.axis) + " is out of range for x of shape " +
                 shape_string(plan.shape));
-  if (!std::binary_search(plan.reduction_axes.begin(), plan.reduction_axes.end(), int64_t(s.axis)) ||
-      s.axis == plan.feature_axis)
+  const int axis = s.axis < 0 ? s.axis + rank : s.axis;
+  if (!std::binary_search(plan.reduction_axes.begin(), plan.reduction_axes.end(), int64_t(axis)) ||
+      axis == plan.feature_axis)
     throw Error("--shard-axis " + std::to_string(s.axis) +
                 " is not a reduced axis other than the feature axis: sharding along it would "
                 "split cells' groups or change which cells exist; shard along one of the "
                 "reduction axes");
-  (void)ranks;
+  return {s.mode, axis};
+}
+
+// Rank 0 writes the outputs: find an unwritable path before any work, and
+// make every rank raise, so that nothing is written and nobody hangs.
+void check_outputs_writable(const ApplyOptions& o, Communicator& comm) {
+  std::string error;
+  if (comm.rank() == 0)
+    for (const std::string* path : {&o.y, &o.dx, &o.dscale, &o.dbias}) {
+      if (path->empty()) continue;
+      const std::filesystem::path target(*path);
+      const std::filesystem::path dir = target.has_parent_path() ? target.parent_path() : ".";
+      std::error_code ec;
+      if (std::filesystem::is_directory(target, ec))
+        error = "cannot write " + *path + ": it is a directory";
+      else if (!std::filesystem::is_directory(dir, ec) || ::access(dir.c_str(), W_OK) != 0)
+        error = "cannot write " + *path + ": " + dir.string() + " is not a writable directory";
+      if (!error.empty()) break;
+    }
+  GroupExchange(comm).agree({error, "outputs", 0});
 }
 
 }  // namespace
@@ -93,7 +117,12 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   if (backward != !options.dx.empty()) throw Error("--dy and --dx go together");
   if (!backward && (!options.dscale.empty() || !options.dbias.empty()))
     throw Error("--dscale and --dbias need --dy and --dx");
+  if (!options.dscale.empty() && !options.config.use_scale)
+    throw Error("--dscale asked for but the layer has no scale (--no-scale)");
+  if (!options.dbias.empty() && !options.config.use_bias)
+    throw Error("--dbias asked for but the layer has no bias (--no-bias)");
   const int rank = comm->rank(), ranks = comm->size();
+  check_outputs_writable(options, *comm);
 
   GroupNormConfig config = options.config;
   if (!options.axis_index_groups.empty()) config.axis_index_groups = parse_groups(options.axis_index_groups);
@@ -121,15 +150,15 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   // Validate the whole configuration on the unsharded shape first, so every
   // rank reports SPEC §2's message the same way whatever its shard.
   const Plan whole_plan = layer.plan(local_template, options.layout, x_all.dtype);
-  check_sharding(options, whole_plan, ranks);
+  const Sharding sharding = checked_sharding(options.sharding, whole_plan);
 
-  HostArray x = shard(x_all, options.sharding, x_all.shape, rank, ranks, "x");
+  HostArray x = shard(x_all, sharding, x_all.shape, rank, ranks, "x");
   HostArray dy;
   if (backward) {
     if (dy_all.shape != x_all.shape)
       throw Error("dy has shape " + shape_string(dy_all.shape) + " but x has shape " +
                   shape_string(x_all.shape));
-    dy = shard(dy_all, options.sharding, x_all.shape, rank, ranks, "dy");
+    dy = shard(dy_all, sharding, x_all.shape, rank, ranks, "dy");
   }
   // The mask travels as float 0/1 through the sharding, then becomes bytes.
   std::vector<uint8_t> mask_bytes;
@@ -141,7 +170,7 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
       const float v = valid[i];
       std::memcpy(as_float.bytes.data() + i * sizeof(float), &v, sizeof v);
     }
-    const HostArray part = shard(as_float, options.sharding, x_all.shape, rank, ranks, "mask");
+    const HostArray part = shard(as_float, sharding, x_all.shape, rank, ranks, "mask");
     mask_bytes.resize(part.bytes.size() / sizeof(float));
     for (size_t i = 0; i < mask_bytes.size(); ++i) {
       float v;
@@ -177,21 +206,15 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   }
 
   // Join the shards (collective), then rank 0 writes.
-  const HostArray y_all = unshard(*comm, y, options.sharding, x_all.shape);
+  const HostArray y_all = unshard(*comm, y, sharding, x_all.shape);
   HostArray dx_all;
-  if (backward) dx_all = unshard(*comm, dx, options.sharding, x_all.shape);
+  if (backward) dx_all = unshard(*comm, dx, sharding, x_all.shape);
   if (rank != 0) return;
   save(options.y, y_all);
   if (backward) {
     save(options.dx, dx_all);
-    if (!options.dscale.empty()) {
-      if (!config.use_scale) throw Error("--dscale asked for but the layer has no scale (--no-scale)");
-      save(options.dscale, dscale);
-    }
-    if (!options.dbias.empty()) {
-      if (!config.use_bias) throw Error("--dbias asked for but the layer has no bias (--no-bias)");
-      save(options.dbias, dbias);
-    }
+    if (!options.dscale.empty()) save(options.dscale, dscale);
+    if (!options.dbias.empty()) save(options.dbias, dbias);
   }
 }
 

@@ -52,10 +52,11 @@ HostArray shard(const HostArray& a, const Sharding& sharding, const Shape& x_sha
     case Sharding::Mode::none: return a;
     case Sharding::Mode::ranks_axis:
       if (a.shape.size() != x_shape.size()) return a;
+      if (a.shape[0] == 1) return slice(a, 0, 0, 1, true);  // the same for every rank
       if (a.shape[0] != ranks)
         throw Error(std::string("--ranks-axis: ") + name + " of shape " + shape_string(a.shape) +
                     " must have a leading axis of length " + std::to_string(ranks) +
-                    " (one slice per rank)");
+                    " (one slice per rank) or 1 (shared by all)");
       return slice(a, 0, rank, rank + 1, true);
     case Sharding::Mode::shard_axis: {
       const size_t lead = x_shape.size() - a.shape.size();
