@@ -80,6 +80,8 @@ class GroupNorm {
 
  private:
   struct Workspace;
+  // SPEC §2's checks of a forward call's arguments: the error, or "".
+  std::string check_forward(const TensorView& x, const TensorView& y, const MaskView* mask);
   // The parameters in double, for the kernels' coefficients.
   void load_parameters(std::vector<double>& scale, std::vector<double>& bias) const;
 

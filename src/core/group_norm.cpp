@@ -154,11 +154,9 @@ std::vector<int> group_of_rank(const std::vector<std::vector<int>>& groups, int 
 struct GroupNorm::Workspace {
   std::unique_ptr<Backend> backend = make_cpu_backend();
   std::unique_ptr<GroupExchange> exchange;
-  // The plan of the last input shape seen, reused while the shape repeats.
+  // The plan of the last input seen and what the ranks agree on, reused
+  // while shape, layout and dtype repeat.
   bool have_plan = false;
-  Shape shape;
-  Layout layout = Layout::channels_last;
-  DType dtype = DType::f32;
   Plan plan;
   std::string signature;
   // Per-call buffers, kept across calls.
@@ -167,6 +165,51 @@ struct GroupNorm::Workspace {
   std::vector<uint8_t> mask_full, mask_gathered, x_gathered, dy_gathered, out_gathered;
   std::vector<double> sums, terms;
   ForwardState state;  // when the caller keeps none
+
+  const Plan& plan_for(const GroupNormConfig& config, const TensorView& x) {
+    if (!have_plan || x.shape != plan.shape || x.layout != plan.layout || x.dtype != plan.input_dtype) {
+      have_plan = false;
+      plan = resolve(config, x.shape, x.layout, x.dtype);
+      signature = signature_of(plan, config);
+      have_plan = true;
+    }
+    return plan;
+  }
+
+  // `data` (the plan's shape) in the kernels' walking order: itself, or
+  // gathered into `buffer` when the plan permutes.
+  const void* walking_order(const Plan& p, const void* data, int element_bytes,
+                            std::vector<uint8_t>& buffer) {
+    if (!p.permuted) return data;
+    buffer.resize(size_t(element_count(p.shape) * element_bytes));
+    backend->permute(p, data, buffer.data(), element_bytes, true);
+    return buffer.data();
+  }
+
+  // x and the mask (expanded to one byte per element) in walking order.
+  KernelInputs inputs(const Plan& p, const TensorView& x, const MaskView* mask) {
+    KernelInputs in{&p, walking_order(p, x.data, dtype_size(p.input_dtype), x_gathered), nullptr};
+    if (mask) {
+      const uint8_t* full = mask->data;
+      if (mask->shape != p.shape) {
+        broadcast_mask(p, *mask, mask_full);
+        full = mask_full.data();
+      }
+      in.mask = static_cast<const uint8_t*>(walking_order(p, full, 1, mask_gathered));
+    }
+    return in;
+  }
+
+  // Where kernels write an output of `dtype`: `out` itself, or a buffer
+  // scattered into it by finish_output.
+  void* output(const Plan& p, void* out, DType dtype) {
+    if (!p.permuted) return out;
+    out_gathered.resize(size_t(element_count(p.shape) * dtype_size(dtype)));
+    return out_gathered.data();
+  }
+  void finish_output(const Plan& p, void* out, DType dtype) {
+    if (p.permuted) backend->permute(p, out_gathered.data(), out, dtype_size(dtype), false);
+  }
 };
 
 GroupNorm::GroupNorm(GroupNormConfig config, std::shared_ptr<Communicator> comm)
@@ -263,29 +306,19 @@ void GroupNorm::load_parameters(std::vector<double>& scale, std::vector<double>&
   for (size_t c = 0; c < bias.size(); ++c) bias[c] = load_param(config_.param_dtype, data, int64_t(c));
 }
 
-// The plan of x, resolved once per distinct shape (SPEC §2.1-4), then the
-// mask (§2.5) and the parameters (§2.6). Returns the error message, or "".
-static std::string check_input(const GroupNormConfig& config, const TensorView& x,
-                               const MaskView* mask, int64_t channels, Plan& cached,
-                               bool& have_plan, Shape& shape, Layout& layout, DType& dtype,
-                               std::string& signature) {
+// Resolves the plan of x (SPEC §2.1-4, cached per shape), then checks the
+// mask (§2.5), the parameters (§2.6) and y. Returns the error message, or "".
+std::string GroupNorm::check_forward(const TensorView& x, const TensorView& y, const MaskView* mask) {
   try {
     if (x.device != Device::cpu) throw Error("x is on a device this build has no backend for");
-    if (!have_plan || x.shape != shape || x.layout != layout || x.dtype != dtype) {
-      have_plan = false;
-      cached = resolve(config, x.shape, x.layout, x.dtype);
-      signature = signature_of(cached, config);
-      shape = x.shape;
-      layout = x.layout;
-      dtype = x.dtype;
-      have_plan = true;
-    }
-    if (mask) check_mask(cached, *mask);
-    if (channels && channels != cached.channels && (config.use_scale || config.use_bias))
-      throw Error(std::string(config.use_scale ? "scale" : "bias") + " has shape (" +
-                  std::to_string(channels) + ",) but x has " + std::to_string(cached.channels) +
+    const Plan& plan = workspace_->plan_for(config_, x);
+    if (mask) check_mask(plan, *mask);
+    if (channels_ && channels_ != plan.channels && (config_.use_scale || config_.use_bias))
+      throw Error(std::string(config_.use_scale ? "scale" : "bias") + " has shape (" +
+                  std::to_string(channels_) + ",) but x has " + std::to_string(plan.channels) +
                   " channels (shape " + shape_string(x.shape) + ")");
     if (!x.data && element_count(x.shape) > 0) throw Error("x has no data");
+    check_view("y", y, x.shape, plan.output_dtype, x.layout);
   } catch (const Error& e) {
     return e.what();
   }
@@ -299,15 +332,7 @@ void GroupNorm::forward(const TensorView& x, const TensorView& y, const MaskView
   const bool distributed = group_comm_->size() > 1;
 
   RankInput input;
-  input.error = check_input(config_, x, mask, channels_, ws.plan, ws.have_plan, ws.shape, ws.layout,
-                            ws.dtype, ws.signature);
-  if (input.error.empty()) {
-    try {
-      check_view("y", y, x.shape, ws.plan.output_dtype, x.layout);
-    } catch (const Error& e) {
-      input.error = e.what();
-    }
-  }
+  input.error = check_forward(x, y, mask);
   if (!input.error.empty()) {
     if (distributed) ws.exchange->merge(input, ws.moments);  // raises on every rank
     throw Error(input.error);
@@ -317,35 +342,14 @@ void GroupNorm::forward(const TensorView& x, const TensorView& y, const MaskView
   input.num_cells = plan.num_cells;
   if (!channels_ && (config_.use_scale || config_.use_bias)) init_parameters(plan.channels);
 
-  // Inputs in walking order.
   Backend& backend = *ws.backend;
-  KernelInputs in{&plan, x.data, nullptr};
-  if (mask) {
-    const bool full = mask->shape == x.shape;
-    if (!full) broadcast_mask(plan, *mask, ws.mask_full);
-    in.mask = full ? mask->data : ws.mask_full.data();
-  }
-  void* out = y.data;
-  if (plan.permuted) {
-    const int64_t elements = element_count(plan.shape);
-    ws.x_gathered.resize(size_t(elements * dtype_size(plan.input_dtype)));
-    backend.permute(plan, x.data, ws.x_gathered.data(), dtype_size(plan.input_dtype), true);
-    in.x = ws.x_gathered.data();
-    if (in.mask) {
-      ws.mask_gathered.resize(size_t(elements));
-      backend.permute(plan, in.mask, ws.mask_gathered.data(), 1, true);
-      in.mask = ws.mask_gathered.data();
-    }
-    ws.out_gathered.resize(size_t(elements * dtype_size(plan.output_dtype)));
-    out = ws.out_gathered.data();
-  }
+  const KernelInputs in = ws.inputs(plan, x, mask);
+  void* out = ws.output(plan, y.data, plan.output_dtype);
 
   // Parameters and per-cell state.
   const int64_t cells = plan.num_cells;
   load_parameters(ws.scale, ws.bias);
-  if (state.plan.shape != plan.shape || state.plan.layout != plan.layout ||
-      state.plan.input_dtype != plan.input_dtype)
-    state.plan = plan;
+  state.plan = plan;  // reuses the vectors' storage
   state.mean.resize(size_t(cells));
   state.rstd.resize(size_t(cells));
   state.count.resize(size_t(cells));
@@ -373,7 +377,7 @@ void GroupNorm::forward(const TensorView& x, const TensorView& y, const MaskView
     }
     backend.normalize(in, block, coef, out, plan.output_dtype);
   }
-  if (plan.permuted) backend.permute(plan, out, y.data, dtype_size(plan.output_dtype), false);
+  ws.finish_output(plan, y.data, plan.output_dtype);
 }
 
 void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskView* mask,
@@ -428,30 +432,9 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
   }
 
   Backend& backend = *ws.backend;
-  KernelInputs in{&plan, x.data, nullptr};
-  if (mask) {
-    const bool full = mask->shape == x.shape;
-    if (!full) broadcast_mask(plan, *mask, ws.mask_full);
-    in.mask = full ? mask->data : ws.mask_full.data();
-  }
-  const void* dy_data = dy.data;
-  void* dx_out = dx.data;
-  if (plan.permuted) {
-    const int64_t elements = element_count(plan.shape);
-    ws.x_gathered.resize(size_t(elements * dtype_size(plan.input_dtype)));
-    backend.permute(plan, x.data, ws.x_gathered.data(), dtype_size(plan.input_dtype), true);
-    in.x = ws.x_gathered.data();
-    ws.dy_gathered.resize(size_t(elements * dtype_size(dy.dtype)));
-    backend.permute(plan, dy.data, ws.dy_gathered.data(), dtype_size(dy.dtype), true);
-    dy_data = ws.dy_gathered.data();
-    if (in.mask) {
-      ws.mask_gathered.resize(size_t(elements));
-      backend.permute(plan, in.mask, ws.mask_gathered.data(), 1, true);
-      in.mask = ws.mask_gathered.data();
-    }
-    ws.out_gathered.resize(size_t(elements * dtype_size(plan.input_dtype)));
-    dx_out = ws.out_gathered.data();
-  }
+  const KernelInputs in = ws.inputs(plan, x, mask);
+  const void* dy_data = ws.walking_order(plan, dy.data, dtype_size(dy.dtype), ws.dy_gathered);
+  void* dx_out = ws.output(plan, dx.data, plan.input_dtype);
   const Coefficients coef{plan.compute_dtype, state.mean.data(), state.rstd.data(),
                           config_.use_scale ? ws.scale.data() : nullptr, nullptr};
   load_parameters(ws.scale, ws.bias);
@@ -472,7 +455,7 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
     }
     backend.input_grad(in, dy_data, dy.dtype, block, coef, ws.terms.data(), dx_out);
   }
-  if (plan.permuted) backend.permute(plan, dx_out, dx.data, dtype_size(plan.input_dtype), false);
+  ws.finish_output(plan, dx.data, plan.input_dtype);
   for (int64_t c = 0; c < channels; ++c) {
     if (dbias) store_param(dbias->dtype, dbias->data, c, channel_sums[c]);
     if (dscale) store_param(dscale->dtype, dscale->data, c, channel_sums[channels + c]);
