@@ -3,7 +3,8 @@
 # then nothing else. Safe to run again: only missing packages are installed.
 set -euo pipefail
 
-packages=(cmake g++ make catch2 libopenmpi-dev openmpi-bin libcli11-dev nlohmann-json3-dev)
+packages=(cmake g++ make catch2 libopenmpi-dev openmpi-bin libcli11-dev nlohmann-json3-dev zlib1g-dev
+          python3-sklearn)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

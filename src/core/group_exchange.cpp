@@ -40,7 +40,7 @@ void GroupExchange::agree(const RankInput& input) {
   const int ranks = group_.size();
   std::vector<uint8_t> mine(kRecordBytes), all(kRecordBytes * size_t(ranks));
   write_record({input.error.empty(), input.num_cells,
-                input.error.empty() ? input.signature : input.error},
+                input.error.empty() ? std::string(input.signature) : input.error},
                mine.data());
   group_.allgather(mine.data(), kRecordBytes, all.data());
   std::vector<Record> records;
@@ -56,7 +56,7 @@ void GroupExchange::agree(const RankInput& input) {
       throw Error("the ranks of a group disagree on what must be shared (only reduced axes may differ): rank 0 has " +
                   records[0].text + "; rank " + std::to_string(r) + " has " + records[size_t(r)].text);
   agreed_ = true;
-  agreed_signature_ = input.signature;
+  agreed_signature_ = std::string(input.signature);
   agreed_cells_ = input.num_cells;
 }
 

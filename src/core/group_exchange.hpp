@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/cell_stats.hpp"
@@ -17,7 +18,7 @@ namespace distgn {
 // must share (non-reduced extents, C, G, dtypes, layout, configuration).
 struct RankInput {
   std::string error;
-  std::string signature;
+  std::string_view signature;
   int64_t num_cells = 0;
 };
 

@@ -338,7 +338,7 @@ void GroupNorm::forward(const TensorView& x, const TensorView& y, const MaskView
     throw Error(input.error);
   }
   const Plan& plan = ws.plan;
-  input.signature = ws.signature;
+  input.signature = ws.signature;  // a view: no copy per call
   input.num_cells = plan.num_cells;
   if (!channels_ && (config_.use_scale || config_.use_bias)) init_parameters(plan.channels);
 
@@ -405,7 +405,7 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
     check_view("dx", dx, plan.shape, plan.input_dtype, plan.layout);
     if (mask) check_mask(plan, *mask);
     for (const TensorView* grad : {dscale, dbias})
-      if (grad && (grad->shape != Shape{channels} || grad->dtype != config_.param_dtype ||
+      if (grad && (grad->shape.size() != 1 || grad->shape[0] != channels || grad->dtype != config_.param_dtype ||
                    grad->device != Device::cpu || !grad->data))
         throw Error(std::string(grad == dscale ? "dscale" : "dbias") + " has shape " +
                     shape_string(grad->shape) + " and dtype " + dtype_name(grad->dtype) +

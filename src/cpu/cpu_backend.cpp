@@ -232,9 +232,15 @@ class CpuBackend final : public Backend {
     if (buffer.size() < doubles) buffer.resize(doubles);
     return buffer.data();
   }
+  // Sizes the per-thread scratch for the coming parallel region and marks
+  // every thread's row coefficients stale (the coefficients change per call).
   void reserve_threads() {
     const size_t threads = size_t(omp_get_max_threads());
     if (scratch_.size() < threads) scratch_.resize(threads);
+    if (rows_f32_.size() < threads) rows_f32_.resize(threads);
+    if (rows_f64_.size() < threads) rows_f64_.resize(threads);
+    for (auto& rc : rows_f32_) rc.slab = -1;
+    for (auto& rc : rows_f64_) rc.slab = -1;
   }
   template <class V>
   V* chunk_buffer(std::vector<V>& buffer, size_t count) {
@@ -343,6 +349,7 @@ class CpuBackend final : public Backend {
 
   template <class T, class Y, class C>
   void normalize_rows(const KernelInputs& in, CellRange cells, const Coefficients& coef, Y* y) {
+    reserve_threads();
     const Plan& p = *in.plan;
     const int64_t width = p.row_width;
     const Chunking ch = chunking(p, cells);
@@ -350,7 +357,7 @@ class CpuBackend final : public Backend {
     const T* x = static_cast<const T*>(in.x);
 #pragma omp parallel
     {
-      RowCoefficients<C> rc;
+      RowCoefficients<C>& rc = row_coefficients<C>();
 #pragma omp for schedule(static)
       for (int64_t k = 0; k < ch.count; ++k) {
         const int64_t slab = first_slab + k / ch.per_group;
@@ -384,7 +391,7 @@ class CpuBackend final : public Backend {
     reserve_threads();
 #pragma omp parallel
     {
-      RowCoefficients<C> rc;
+      RowCoefficients<C>& rc = row_coefficients<C>();
 #pragma omp for schedule(static)
       for (int64_t k = 0; k < ch.count; ++k) {
         const int64_t slab = first_slab + k / ch.per_group;
@@ -428,6 +435,7 @@ class CpuBackend final : public Backend {
   template <class T, class D, class C>
   void input_grad_rows(const KernelInputs& in, const D* dy, CellRange cells,
                        const Coefficients& coef, const double* cell_terms, T* dx) {
+    reserve_threads();
     const Plan& p = *in.plan;
     const int64_t width = p.row_width;
     const Chunking ch = chunking(p, cells);
@@ -435,7 +443,7 @@ class CpuBackend final : public Backend {
     const T* x = static_cast<const T*>(in.x);
 #pragma omp parallel
     {
-      RowCoefficients<C> rc;
+      RowCoefficients<C>& rc = row_coefficients<C>();
 #pragma omp for schedule(static)
       for (int64_t k = 0; k < ch.count; ++k) {
         const int64_t slab = first_slab + k / ch.per_group;
@@ -644,7 +652,15 @@ class CpuBackend final : public Backend {
     }
   }
 
+  template <class C>
+  RowCoefficients<C>& row_coefficients() {
+    if constexpr (std::is_same_v<C, float>) return rows_f32_[size_t(omp_get_thread_num())];
+    else return rows_f64_[size_t(omp_get_thread_num())];
+  }
+
   std::vector<std::vector<double>> scratch_;
+  std::vector<RowCoefficients<float>> rows_f32_;
+  std::vector<RowCoefficients<double>> rows_f64_;
   std::vector<CellMoments> moments_;
   std::vector<double> sums_;
 };
