@@ -86,28 +86,29 @@ double first_valid(const T* x, const uint8_t* mask, int64_t first, int64_t count
   return 0.0;
 }
 
-// Rows of a channel_rows chunk are accumulated into per-column sums four at
-// a time: one pass over the columns per four rows keeps the loads and stores
-// of the (L1-resident) sums a quarter of the data's, and the loop long.
-constexpr int64_t kRowBlock = 4;
-
 // sum[j] += sum over rows of (x - shift[j]), sum_sq[j] += the squares, for
-// `rows` rows of `width` columns starting at x (no mask).
+// `rows` rows of `width` columns starting at x (no mask). Narrow rows are
+// taken four per pass over the columns, which amortises the loop and the
+// per-column loads and stores; on wide rows (C = 320) that measured slower
+// than one row at a time.
+constexpr int64_t kNarrowRow = 128;
+
 template <class T>
 void accumulate_shifted_columns(const T* x, int64_t rows, int64_t width, const double* shift,
                                 double* sum, double* sum_sq) {
   int64_t r = 0;
-  for (; r + kRowBlock <= rows; r += kRowBlock) {
-    const T* x0 = x + r * width;
-    const T *x1 = x0 + width, *x2 = x1 + width, *x3 = x2 + width;
+  if (width <= kNarrowRow)
+    for (; r + 4 <= rows; r += 4) {
+      const T* x0 = x + r * width;
+      const T *x1 = x0 + width, *x2 = x1 + width, *x3 = x2 + width;
 #pragma omp simd
-    for (int64_t j = 0; j < width; ++j) {
-      const double d0 = double(widen(x0[j])) - shift[j], d1 = double(widen(x1[j])) - shift[j];
-      const double d2 = double(widen(x2[j])) - shift[j], d3 = double(widen(x3[j])) - shift[j];
-      sum[j] += (d0 + d1) + (d2 + d3);
-      sum_sq[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+      for (int64_t j = 0; j < width; ++j) {
+        const double d0 = double(widen(x0[j])) - shift[j], d1 = double(widen(x1[j])) - shift[j];
+        const double d2 = double(widen(x2[j])) - shift[j], d3 = double(widen(x3[j])) - shift[j];
+        sum[j] += (d0 + d1) + (d2 + d3);
+        sum_sq[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+      }
     }
-  }
   for (; r < rows; ++r) {
     const T* row = x + r * width;
 #pragma omp simd
@@ -120,7 +121,7 @@ void accumulate_shifted_columns(const T* x, int64_t rows, int64_t width, const d
 }
 
 // sum_dy[j] += sum over rows of dy, sum_dy_xhat[j] += sum of dy * xhat with
-// xhat = (x - mean[j]) * rstd[j] in the compute type C.
+// xhat = (x - mean[j]) * rstd[j] in the compute type C; rows blocked as above.
 template <class T, class D, class C>
 void accumulate_backward_columns(const T* x, const D* dy, int64_t rows, int64_t width, const C* mean,
                                  const C* rstd, double* sum_dy, double* sum_dy_xhat) {
@@ -130,19 +131,20 @@ void accumulate_backward_columns(const T* x, const D* dy, int64_t rows, int64_t 
     return g * double(xhat);
   };
   int64_t r = 0;
-  for (; r + kRowBlock <= rows; r += kRowBlock) {
-    const T* x0 = x + r * width;
-    const D* dy0 = dy + r * width;
+  if (width <= kNarrowRow)
+    for (; r + 4 <= rows; r += 4) {
+      const T* x0 = x + r * width;
+      const D* dy0 = dy + r * width;
 #pragma omp simd
-    for (int64_t j = 0; j < width; ++j) {
-      double g0, g1, g2, g3;
-      const double p0 = term(x0, dy0, j, g0), p1 = term(x0 + width, dy0 + width, j, g1);
-      const double p2 = term(x0 + 2 * width, dy0 + 2 * width, j, g2);
-      const double p3 = term(x0 + 3 * width, dy0 + 3 * width, j, g3);
-      sum_dy[j] += (g0 + g1) + (g2 + g3);
-      sum_dy_xhat[j] += (p0 + p1) + (p2 + p3);
+      for (int64_t j = 0; j < width; ++j) {
+        double g0, g1, g2, g3;
+        const double p0 = term(x0, dy0, j, g0), p1 = term(x0 + width, dy0 + width, j, g1);
+        const double p2 = term(x0 + 2 * width, dy0 + 2 * width, j, g2);
+        const double p3 = term(x0 + 3 * width, dy0 + 3 * width, j, g3);
+        sum_dy[j] += (g0 + g1) + (g2 + g3);
+        sum_dy_xhat[j] += (p0 + p1) + (p2 + p3);
+      }
     }
-  }
   for (; r < rows; ++r) {
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
@@ -319,16 +321,20 @@ class CpuBackend final : public Backend {
   // Per-column coefficients of one slab: mean, rstd*scale, bias (and for
   // backward rstd, scale, a, b). Each thread keeps those of its current slab.
   template <class C>
+  // With cell_terms, dx = mul * dy + (x - mean) * centered_coef + offset:
+  // SPEC §9's rstd * (g - a - xhat * b) with the per-cell factors folded,
+  // still centring x first (expanding x * r^2 b - mean * r^2 b cancels
+  // badly when rstd is large).
   struct RowCoefficients {
     int64_t slab = -1;
-    std::vector<C> mean, rstd, mul, bias, scale, a, b;
+    std::vector<C> mean, rstd, mul, bias, scale, centered_coef, offset;
   };
 
   template <class C>
   void fill_row_coefficients(const Plan& p, const Coefficients& coef, const double* cell_terms,
                              int64_t slab, RowCoefficients<C>& rc) {
     const int64_t width = p.row_width;
-    for (auto* v : {&rc.mean, &rc.rstd, &rc.mul, &rc.bias, &rc.scale, &rc.a, &rc.b})
+    for (auto* v : {&rc.mean, &rc.rstd, &rc.mul, &rc.bias, &rc.scale, &rc.centered_coef, &rc.offset})
       v->resize(size_t(width));
     for (int64_t j = 0; j < width; ++j) {
       const int64_t cell = slab * p.cells_per_row + j / p.group_size, c = j % p.channels;
@@ -340,8 +346,9 @@ class CpuBackend final : public Backend {
       rc.mul[j] = coef.scale ? r * scale : r;
       rc.bias[j] = coef.bias ? C(coef.bias[c]) : C(0);
       if (cell_terms) {
-        rc.a[j] = C(cell_terms[2 * cell]);
-        rc.b[j] = C(cell_terms[2 * cell + 1]);
+        const C a = C(cell_terms[2 * cell]), b = C(cell_terms[2 * cell + 1]);
+        rc.centered_coef[j] = -r * (r * b);
+        rc.offset[j] = -r * a;
       }
     }
     rc.slab = slab;
@@ -449,8 +456,8 @@ class CpuBackend final : public Backend {
         const int64_t slab = first_slab + k / ch.per_group;
         const int64_t r0 = (k % ch.per_group) * ch.step, r1 = std::min(p.rows, r0 + ch.step);
         if (rc.slab != slab) fill_row_coefficients(p, coef, cell_terms, slab, rc);
-        const C *mean = rc.mean.data(), *rstd = rc.rstd.data(), *scale = rc.scale.data();
-        const C *a = rc.a.data(), *b = rc.b.data();
+        const C *mean = rc.mean.data(), *mul = rc.mul.data();
+        const C *centered_coef = rc.centered_coef.data(), *offset = rc.offset.data();
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t at = (slab * p.rows + r) * width;
           const T* xr = x + at;
@@ -460,18 +467,14 @@ class CpuBackend final : public Backend {
             const uint8_t* m = in.mask + at;
 #pragma omp simd
             for (int64_t j = 0; j < width; ++j) {
-              const C xhat = (C(widen(xr[j])) - mean[j]) * rstd[j];
-              const C g = C(widen(dyr[j])) * scale[j];
-              const C stat_term = m[j] ? a[j] + xhat * b[j] : C(0);
-              dxr[j] = narrow<T>(rstd[j] * (g - stat_term));
+              const C stat_term = m[j] ? (C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j] : C(0);
+              dxr[j] = narrow<T>(C(widen(dyr[j])) * mul[j] + stat_term);
             }
           } else {
 #pragma omp simd
-            for (int64_t j = 0; j < width; ++j) {
-              const C xhat = (C(widen(xr[j])) - mean[j]) * rstd[j];
-              const C g = C(widen(dyr[j])) * scale[j];
-              dxr[j] = narrow<T>(rstd[j] * (g - (a[j] + xhat * b[j])));
-            }
+            for (int64_t j = 0; j < width; ++j)
+              dxr[j] = narrow<T>(C(widen(dyr[j])) * mul[j] +
+                                 ((C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j]));
           }
         }
       }
