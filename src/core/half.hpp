@@ -53,34 +53,38 @@ DISTGN_HD bfloat16_t to_bfloat16(float f) {
   return bfloat16_t{uint16_t(u >> 16)};
 }
 
+// Both directions compute every case and select, without branches, so that
+// loops over arrays of halves vectorise on the CPU.
 DISTGN_HD float to_float(half_t h) {
   const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16;
-  const uint32_t exponent = (h.bits >> 10) & 0x1fu;
-  const uint32_t mantissa = h.bits & 0x3ffu;
-  if (exponent == 0x1fu) return bits_float(sign | 0x7f800000u | (mantissa << 13));  // inf, NaN
-  if (exponent != 0) return bits_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
-  // Subnormal (or zero): mantissa * 2^-24 is exact in binary32.
-  const float magnitude = float(mantissa) * 5.9604644775390625e-8f;
-  return bits_float(sign | float_bits(magnitude));
+  const uint32_t magnitude = uint32_t(h.bits & 0x7fffu) << 13;
+  const uint32_t exponent = magnitude & 0x0f800000u;
+  const uint32_t normal = magnitude + 0x38000000u;  // rebias 15 -> 127
+  const uint32_t special = normal + 0x38000000u;    // inf, NaN: exponent 255
+  // Subnormal (or zero): 2^-14 * (1 + m/1024) - 2^-14 = m * 2^-24, exact.
+  const uint32_t subnormal = float_bits(bits_float(normal + 0x00800000u) - bits_float(0x38800000u));
+  const uint32_t bits = exponent == 0x0f800000u ? special : exponent == 0 ? subnormal : normal;
+  return bits_float(bits | sign);
 }
 
 // Round to nearest, ties to even, overflow to inf; NaN stays a (quiet) NaN.
 DISTGN_HD half_t to_half(float f) {
   const uint32_t u = float_bits(f);
-  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return half_t{uint16_t(sign | 0x7e00u | ((a >> 13) & 0x3ffu))};
-  if (a >= 0x477ff000u) return half_t{uint16_t(sign | 0x7c00u)};  // rounds past 65504
-  if (a < 0x38800000u) {
-    // Below the smallest normal: the binary32 addition rounds a * 2^24 to the
-    // nearest integer (ties to even), which is the subnormal mantissa.
-    const float scaled = bits_float(a) + 0.5f;  // 0.5 = 2^-1 = 2^-25 * 2^24
-    return half_t{uint16_t(sign | (float_bits(scaled) - 0x3f000000u))};
-  }
-  // Normal: rebias the exponent and round the 13 dropped mantissa bits.
-  uint32_t r = a - 0x38000000u;
-  r += 0xfffu + ((r >> 13) & 1u);
-  return half_t{uint16_t(sign | (r >> 13))};
+  const uint32_t nan = 0x7e00u | ((a >> 13) & 0x3ffu);
+  // Below the smallest normal: the binary32 addition rounds a * 2^24 to the
+  // nearest integer (ties to even), which is the subnormal mantissa.
+  const uint32_t subnormal = float_bits(bits_float(a) + 0.5f) - 0x3f000000u;
+  // Normal: rebias the exponent and round the 13 dropped mantissa bits; a
+  // carry past 65504 lands on the inf pattern.
+  const uint32_t rebiased = a - 0x38000000u;
+  const uint32_t normal = (rebiased + 0xfffu + ((rebiased >> 13) & 1u)) >> 13;
+  const uint32_t bits = a > 0x7f800000u   ? nan
+                        : a >= 0x47800000u ? 0x7c00u  // 65536 and beyond, inf
+                        : a < 0x38800000u  ? subnormal
+                                           : normal;
+  return half_t{uint16_t(sign | bits)};
 }
 
 // Loads and stores of any storage type through float (or double for f64).
