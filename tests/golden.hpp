@@ -9,11 +9,16 @@
 #include <string>
 #include <vector>
 
+#include <map>
+
 #include "core/half.hpp"
 #include "distgn/config.hpp"
+#include "distgn/group_norm.hpp"
 #include "io/npy.hpp"
 
 namespace golden {
+
+using namespace distgn;  // the library under test, within these helpers only
 
 inline std::string data_dir() { return DISTGN_TEST_DATA; }
 
@@ -98,6 +103,82 @@ inline Comparison compare(const std::vector<double>& got, const std::vector<doub
     if (!ok && c.mismatches++ == 0) c.first_bad = int64_t(i);
   }
   return c;
+}
+
+// ---- running a case through the library -----------------------------------
+
+struct Array {
+  distgn::Shape shape;
+  distgn::DType dtype;
+  std::vector<uint8_t> bytes;
+  TensorView view(Layout layout) { return {bytes.data(), shape, dtype, layout}; }
+};
+
+inline Array load(const nlohmann::json& c, const char* key, DType dtype) {
+  const io::NpyArray a = file("flax", c, key);
+  return {a.shape, dtype, io::convert_to(a, dtype)};
+}
+
+inline Array zeros(const Shape& shape, DType dtype) {
+  return {shape, dtype, std::vector<uint8_t>(size_t(element_count(shape) * dtype_size(dtype)))};
+}
+
+inline std::vector<double> values_of(const Array& a) {
+  std::vector<double> out(static_cast<size_t>(element_count(a.shape)));
+  for (size_t i = 0; i < out.size(); ++i) {
+    switch (a.dtype) {
+      case DType::f32: out[i] = reinterpret_cast<const float*>(a.bytes.data())[i]; break;
+      case DType::f64: out[i] = reinterpret_cast<const double*>(a.bytes.data())[i]; break;
+      case DType::f16: out[i] = to_float(reinterpret_cast<const half_t*>(a.bytes.data())[i]); break;
+      case DType::bf16: out[i] = to_float(reinterpret_cast<const bfloat16_t*>(a.bytes.data())[i]); break;
+    }
+  }
+  return out;
+}
+
+inline DType narrower(DType a, DType b) { return dtype_size(a) <= dtype_size(b) ? a : b; }
+
+inline double max_abs(const std::vector<double>& v) {
+  double m = 0;
+  for (double x : v)
+    if (std::isfinite(x)) m = std::max(m, std::fabs(x));
+  return m;
+}
+
+// y, dx, dscale, dbias of one case through the layer. With `in_float64` the
+// input and the arithmetic are float64: the exact result of the same formulas.
+inline std::map<std::string, std::vector<double>> run_case(const nlohmann::json& c, bool in_float64) {
+  GroupNormConfig config = config_of(c);
+  const Layout layout = parse_layout(c["layout"].get<std::string>());
+  const DType input = in_float64 ? DType::f64 : dtype(c["input_dtype"]);
+  if (in_float64) config.dtype = DType::f64;
+  GroupNorm layer(config);
+  Array x = load(c, "x", input), dy = load(c, "dy", input);
+  const Plan plan = layer.plan(x.shape, layout, input);
+  if (!in_float64) REQUIRE(plan.output_dtype == dtype(c["output_dtype"]));
+  layer.init_parameters(plan.channels);
+  if (has_file(c, "scale")) layer.set_scale(load(c, "scale", config.param_dtype).view(Layout::channels_last));
+  if (has_file(c, "bias")) layer.set_bias(load(c, "bias", config.param_dtype).view(Layout::channels_last));
+  std::vector<uint8_t> mask_bytes;
+  MaskView mask;
+  if (has_file(c, "mask")) {
+    const io::NpyArray m = file("flax", c, "mask");
+    mask_bytes = io::to_mask(m);
+    mask = {mask_bytes.data(), m.shape};
+  }
+  const MaskView* mask_ptr = mask_bytes.empty() ? nullptr : &mask;
+
+  Array y = zeros(x.shape, plan.output_dtype), dx = zeros(x.shape, input);
+  Array dscale = zeros({plan.channels}, config.param_dtype), dbias = zeros({plan.channels}, config.param_dtype);
+  ForwardState state;
+  layer.forward(x.view(layout), y.view(layout), mask_ptr, &state);
+  TensorView dscale_view = dscale.view(Layout::channels_last), dbias_view = dbias.view(Layout::channels_last);
+  layer.backward(x.view(layout), dy.view(layout), mask_ptr, state, dx.view(layout),
+                 config.use_scale ? &dscale_view : nullptr, config.use_bias ? &dbias_view : nullptr);
+  std::map<std::string, std::vector<double>> out{{"y", values_of(y)}, {"dx", values_of(dx)}};
+  if (config.use_scale) out["dscale"] = values_of(dscale);
+  if (config.use_bias) out["dbias"] = values_of(dbias);
+  return out;
 }
 
 }  // namespace golden

@@ -289,70 +289,6 @@ std::string output_options(const json& c) {
   return a;
 }
 
-struct Array {
-  Shape shape;
-  DType dtype;
-  std::vector<uint8_t> bytes;
-  TensorView view(Layout layout) { return {bytes.data(), shape, dtype, layout}; }
-};
-
-std::vector<double> f64_values(const Array& a) {
-  const auto* p = reinterpret_cast<const double*>(a.bytes.data());
-  return std::vector<double>(p, p + element_count(a.shape));
-}
-
-// The case evaluated by the library in float64 (input and arithmetic): the
-// exact result of the same formulas, as tests/core/test_flax_golden.cpp uses
-// where Flax's own float32 arithmetic is off.
-std::map<std::string, std::vector<double>> float64_truth(const json& c) {
-  GroupNormConfig config = golden::config_of(c);
-  config.dtype = DType::f64;
-  const Layout layout = parse_layout(c["layout"].get<std::string>());
-  auto load = [&](const char* key, DType t) {
-    const io::NpyArray a = golden::file("flax", c, key);
-    return Array{a.shape, t, io::convert_to(a, t)};
-  };
-  auto zeros = [](const Shape& s, DType t) {
-    return Array{s, t, std::vector<uint8_t>(size_t(element_count(s) * dtype_size(t)))};
-  };
-  GroupNorm layer(config);
-  Array x = load("x", DType::f64), dy = load("dy", DType::f64);
-  const Plan plan = layer.plan(x.shape, layout, DType::f64);
-  layer.init_parameters(plan.channels);
-  if (golden::has_file(c, "scale")) layer.set_scale(load("scale", config.param_dtype).view(Layout::channels_last));
-  if (golden::has_file(c, "bias")) layer.set_bias(load("bias", config.param_dtype).view(Layout::channels_last));
-  std::vector<uint8_t> mask_bytes;
-  MaskView mask;
-  if (golden::has_file(c, "mask")) {
-    const io::NpyArray m = golden::file("flax", c, "mask");
-    mask_bytes = io::to_mask(m);
-    mask = {mask_bytes.data(), m.shape};
-  }
-  const MaskView* mask_ptr = mask_bytes.empty() ? nullptr : &mask;
-  Array y = zeros(x.shape, DType::f64), dx = zeros(x.shape, DType::f64);
-  Array dscale = zeros({plan.channels}, config.param_dtype), dbias = zeros({plan.channels}, config.param_dtype);
-  ForwardState state;
-  layer.forward(x.view(layout), y.view(layout), mask_ptr, &state);
-  TensorView dscale_view = dscale.view(Layout::channels_last), dbias_view = dbias.view(Layout::channels_last);
-  layer.backward(x.view(layout), dy.view(layout), mask_ptr, state, dx.view(layout),
-                 config.use_scale ? &dscale_view : nullptr, config.use_bias ? &dbias_view : nullptr);
-  auto param_values = [](const Array& a) {
-    io::NpyArray n{a.shape, io::npy_type_for(a.dtype), {}};
-    if (a.dtype == DType::bf16) {  // npy_type_for(bf16) is f4: widen
-      std::vector<double> v(static_cast<size_t>(element_count(a.shape)));
-      const auto* h = reinterpret_cast<const bfloat16_t*>(a.bytes.data());
-      for (size_t i = 0; i < v.size(); ++i) v[i] = to_float(h[i]);
-      return v;
-    }
-    n.bytes = a.bytes;
-    return golden::values(n);
-  };
-  std::map<std::string, std::vector<double>> out{{"y", f64_values(y)}, {"dx", f64_values(dx)}};
-  if (config.use_scale) out["dscale"] = param_values(dscale);
-  if (config.use_bias) out["dbias"] = param_values(dbias);
-  return out;
-}
-
 // ---- invalid input: a small valid problem to break one piece of ------------------
 
 // x (2,3,4,8) float32 and the other inputs that go with it.
@@ -467,7 +403,7 @@ TEST_CASE("cli apply: every Flax golden case reproduces from the shell", "[cli][
         }
         // Flax itself off (large_mean_*, single_valid_cell): within tolerance
         // of the float64 evaluation and never further from it than Flax.
-        if (truth.empty()) truth = float64_truth(c);
+        if (truth.empty()) truth = golden::run_case(c, true);
         std::vector<double> exact = truth[key];
         for (size_t i = 0; key == "dx" && i < skip_dx.size(); ++i)
           if (skip_dx[i]) exact[i] = 0;
