@@ -15,7 +15,7 @@
 #include <sstream>
 
 #include "cli/cli.hpp"
-#include "core/half.hpp"
+#include "core/element.hpp"
 #include "distgn/error.hpp"
 #include "distgn/group_norm.hpp"
 
@@ -49,25 +49,12 @@ HostArray generate(const Shape& shape, DType dtype, Layout layout, uint64_t seed
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c = (i / inner) % channels;
     const float v = 0.5f + 0.01f * float(c) + (1.0f + 0.002f * float(c)) * normal(rng);
-    switch (dtype) {
-      case DType::f32: reinterpret_cast<float*>(a.bytes.data())[i] = v; break;
-      case DType::f64: reinterpret_cast<double*>(a.bytes.data())[i] = v; break;
-      case DType::f16: reinterpret_cast<half_t*>(a.bytes.data())[i] = to_half(v); break;
-      case DType::bf16: reinterpret_cast<bfloat16_t*>(a.bytes.data())[i] = to_bfloat16(v); break;
-    }
+    store_element(dtype, a.bytes.data(), i, v);
   }
   return a;
 }
 
-double element(const HostArray& a, int64_t i) {
-  switch (a.dtype) {
-    case DType::f32: return reinterpret_cast<const float*>(a.bytes.data())[i];
-    case DType::f64: return reinterpret_cast<const double*>(a.bytes.data())[i];
-    case DType::f16: return to_float(reinterpret_cast<const half_t*>(a.bytes.data())[i]);
-    case DType::bf16: return to_float(reinterpret_cast<const bfloat16_t*>(a.bytes.data())[i]);
-  }
-  return 0;
-}
+double element(const HostArray& a, int64_t i) { return load_element(a.dtype, a.bytes.data(), i); }
 
 HostArray widen_to_f64(const HostArray& a) {
   HostArray out{a.shape, DType::f64, std::vector<uint8_t>(size_t(element_count(a.shape)) * 8)};

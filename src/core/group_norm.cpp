@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "core/backend.hpp"
+#include "core/element.hpp"
 #include "core/group_exchange.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "distgn/error.hpp"
@@ -114,25 +115,6 @@ void check_view(const char* name, const TensorView& view, const Shape& shape, DT
   if (view.device != Device::cpu)
     throw Error(std::string(name) + " is on a device this build has no backend for");
   if (!view.data && element_count(shape) > 0) throw Error(std::string(name) + " has no data");
-}
-
-double load_param(DType dtype, const void* data, int64_t i) {
-  switch (dtype) {
-    case DType::f64: return static_cast<const double*>(data)[i];
-    case DType::f32: return static_cast<const float*>(data)[i];
-    case DType::f16: return to_float(static_cast<const half_t*>(data)[i]);
-    case DType::bf16: return to_float(static_cast<const bfloat16_t*>(data)[i]);
-  }
-  return 0;
-}
-
-void store_param(DType dtype, void* data, int64_t i, double v) {
-  switch (dtype) {
-    case DType::f64: static_cast<double*>(data)[i] = v; break;
-    case DType::f32: static_cast<float*>(data)[i] = float(v); break;
-    case DType::f16: static_cast<half_t*>(data)[i] = to_half(float(v)); break;
-    case DType::bf16: static_cast<bfloat16_t*>(data)[i] = to_bfloat16(float(v)); break;
-  }
 }
 
 // Group index of each rank, or throws SPEC §7's message.
@@ -279,7 +261,7 @@ static void copy_parameter(const char* name, const TensorView& from, TensorView 
                 shape_string(to.shape));
   if (from.device != Device::cpu) throw Error(std::string(name) + " must be in host memory");
   for (int64_t c = 0; c < to.shape[0]; ++c)
-    store_param(to.dtype, to.data, c, load_param(from.dtype, from.data, c));
+    store_element(to.dtype, to.data, c, load_element(from.dtype, from.data, c));
 }
 
 void GroupNorm::set_scale(const TensorView& scale) {
@@ -300,10 +282,10 @@ void GroupNorm::load_parameters(std::vector<double>& scale, std::vector<double>&
   const int64_t bytes = dtype_size(config_.param_dtype);
   const uint8_t* data = parameters_.data();
   scale.resize(config_.use_scale ? size_t(channels_) : 0);
-  for (size_t c = 0; c < scale.size(); ++c) scale[c] = load_param(config_.param_dtype, data, int64_t(c));
+  for (size_t c = 0; c < scale.size(); ++c) scale[c] = load_element(config_.param_dtype, data, int64_t(c));
   if (config_.use_scale) data += channels_ * bytes;
   bias.resize(config_.use_bias ? size_t(channels_) : 0);
-  for (size_t c = 0; c < bias.size(); ++c) bias[c] = load_param(config_.param_dtype, data, int64_t(c));
+  for (size_t c = 0; c < bias.size(); ++c) bias[c] = load_element(config_.param_dtype, data, int64_t(c));
 }
 
 // Resolves the plan of x (SPEC §2.1-4, cached per shape), then checks the
@@ -457,8 +439,8 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
   }
   ws.finish_output(plan, dx.data, plan.input_dtype);
   for (int64_t c = 0; c < channels; ++c) {
-    if (dbias) store_param(dbias->dtype, dbias->data, c, channel_sums[c]);
-    if (dscale) store_param(dscale->dtype, dscale->data, c, channel_sums[channels + c]);
+    if (dbias) store_element(dbias->dtype, dbias->data, c, channel_sums[c]);
+    if (dscale) store_element(dscale->dtype, dscale->data, c, channel_sums[channels + c]);
   }
 }
 

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <vector>
 
-#include "core/half.hpp"
+#include "core/element.hpp"
 #include "distgn/config.hpp"
 
 namespace distgn {
@@ -21,15 +21,6 @@ struct SplitMix64 {
   // Uniform in [0, 1) with 53 random bits.
   double uniform() { return double(next() >> 11) * 0x1.0p-53; }
 };
-
-void store(DType dtype, void* out, int64_t i, double v) {
-  switch (dtype) {
-    case DType::f64: static_cast<double*>(out)[i] = v; break;
-    case DType::f32: static_cast<float*>(out)[i] = float(v); break;
-    case DType::f16: static_cast<half_t*>(out)[i] = to_half(float(v)); break;
-    case DType::bf16: static_cast<bfloat16_t*>(out)[i] = to_bfloat16(float(v)); break;
-  }
-}
 
 }  // namespace
 
@@ -49,7 +40,7 @@ void initialize(const Initializer& init, int64_t count, DType dtype, void* out) 
         break;
       }
     }
-    store(dtype, out, i, v);
+    store_element(dtype, out, i, v);
   }
 }
 

@@ -355,14 +355,14 @@ class CpuBackend final : public Backend {
     rc.slab = slab;
   }
 
-  template <class T, class Y, class C>
-  void normalize_rows(const KernelInputs& in, CellRange cells, const Coefficients& coef, Y* y) {
+  // Calls f(k, slab, r0, r1, rc) for every chunk k of `cells` (rows [r0, r1)
+  // of one slab) over the OpenMP threads; rc holds the slab's per-column
+  // coefficients, refilled only when a thread moves to another slab.
+  template <class C, class F>
+  void for_each_row_chunk(const Plan& p, CellRange cells, const Coefficients& coef,
+                          const double* cell_terms, const Chunking& ch, F&& f) {
     reserve_threads();
-    const Plan& p = *in.plan;
-    const int64_t width = p.row_width;
-    const Chunking ch = chunking(p, cells);
     const int64_t first_slab = cells.begin / p.cells_per_row;
-    const T* x = static_cast<const T*>(in.x);
 #pragma omp parallel
     {
       RowCoefficients<C>& rc = row_coefficients<C>();
@@ -370,18 +370,29 @@ class CpuBackend final : public Backend {
       for (int64_t k = 0; k < ch.count; ++k) {
         const int64_t slab = first_slab + k / ch.per_group;
         const int64_t r0 = (k % ch.per_group) * ch.step, r1 = std::min(p.rows, r0 + ch.step);
-        if (rc.slab != slab) fill_row_coefficients(p, coef, nullptr, slab, rc);
-        const C *mean = rc.mean.data(), *mul = rc.mul.data(), *bias = rc.bias.data();
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t at = (slab * p.rows + r) * width;
-          const T* xr = x + at;
-          Y* yr = y + at;
-#pragma omp simd
-          for (int64_t j = 0; j < width; ++j)
-            yr[j] = narrow<Y>((C(widen(xr[j])) - mean[j]) * mul[j] + bias[j]);
-        }
+        if (rc.slab != slab) fill_row_coefficients(p, coef, cell_terms, slab, rc);
+        f(k, slab, r0, r1, rc);
       }
     }
+  }
+
+  template <class T, class Y, class C>
+  void normalize_rows(const KernelInputs& in, CellRange cells, const Coefficients& coef, Y* y) {
+    const Plan& p = *in.plan;
+    const int64_t width = p.row_width;
+    const T* x = static_cast<const T*>(in.x);
+    for_each_row_chunk<C>(p, cells, coef, nullptr, chunking(p, cells),
+                          [&](int64_t, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
+      const C *mean = rc.mean.data(), *mul = rc.mul.data(), *bias = rc.bias.data();
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t at = (slab * p.rows + r) * width;
+        const T* xr = x + at;
+        Y* yr = y + at;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j)
+          yr[j] = narrow<Y>((C(widen(xr[j])) - mean[j]) * mul[j] + bias[j]);
+      }
+    });
   }
 
   template <class T, class D, class C>
@@ -391,46 +402,37 @@ class CpuBackend final : public Backend {
     const int64_t width = p.row_width, per_row = p.cells_per_row, S = p.group_size;
     const int64_t channels = p.channels;
     const Chunking ch = chunking(p, cells);
-    const int64_t first_slab = cells.begin / per_row;
     // Per chunk: A and B of its cells, then sum dy and sum dy*xhat per channel.
     const int64_t stride = 2 * per_row + 2 * channels;
     double* chunk_sums = chunk_buffer(sums_, size_t(ch.count * stride));
     const T* x = static_cast<const T*>(in.x);
-    reserve_threads();
-#pragma omp parallel
-    {
-      RowCoefficients<C>& rc = row_coefficients<C>();
-#pragma omp for schedule(static)
-      for (int64_t k = 0; k < ch.count; ++k) {
-        const int64_t slab = first_slab + k / ch.per_group;
-        const int64_t r0 = (k % ch.per_group) * ch.step, r1 = std::min(p.rows, r0 + ch.step);
-        if (rc.slab != slab) fill_row_coefficients(p, coef, nullptr, slab, rc);
-        const C *mean = rc.mean.data(), *rstd = rc.rstd.data();
-        double* scratch = thread_scratch(size_t(2 * width));
-        double *sum_dy = scratch, *sum_dy_xhat = scratch + width;
-        std::fill(scratch, scratch + 2 * width, 0.0);
-        const int64_t at = (slab * p.rows + r0) * width;
-        accumulate_backward_columns(x + at, dy + at, r1 - r0, width, mean, rstd, sum_dy, sum_dy_xhat);
-        double* out = chunk_sums + k * stride;
-        std::fill(out, out + stride, 0.0);
-        double* channel_dy = out + 2 * per_row;
-        double* channel_dy_xhat = channel_dy + channels;
-        for (int64_t q = 0; q < per_row; ++q) {
-          // Columns of cell q: channels (q % G) * S + s.
-          const int64_t j0 = q * S, c0 = (q % p.num_groups) * S;
-          double a = 0, b = 0;
-          for (int64_t s = 0; s < S; ++s) {
-            const double scale = double(rc.scale[j0 + s]);
-            a += scale * sum_dy[j0 + s];
-            b += scale * sum_dy_xhat[j0 + s];
-            channel_dy[c0 + s] += sum_dy[j0 + s];
-            channel_dy_xhat[c0 + s] += sum_dy_xhat[j0 + s];
-          }
-          out[2 * q] = a;
-          out[2 * q + 1] = b;
+    for_each_row_chunk<C>(p, cells, coef, nullptr, ch,
+                          [&](int64_t k, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
+      double* scratch = thread_scratch(size_t(2 * width));
+      double *sum_dy = scratch, *sum_dy_xhat = scratch + width;
+      std::fill(scratch, scratch + 2 * width, 0.0);
+      const int64_t at = (slab * p.rows + r0) * width;
+      accumulate_backward_columns(x + at, dy + at, r1 - r0, width, rc.mean.data(), rc.rstd.data(), sum_dy,
+                                  sum_dy_xhat);
+      double* out = chunk_sums + k * stride;
+      std::fill(out, out + stride, 0.0);
+      double* channel_dy = out + 2 * per_row;
+      double* channel_dy_xhat = channel_dy + channels;
+      for (int64_t q = 0; q < per_row; ++q) {
+        // Columns of cell q: channels (q % G) * S + s.
+        const int64_t j0 = q * S, c0 = (q % p.num_groups) * S;
+        double a = 0, b = 0;
+        for (int64_t s = 0; s < S; ++s) {
+          const double scale = double(rc.scale[j0 + s]);
+          a += scale * sum_dy[j0 + s];
+          b += scale * sum_dy_xhat[j0 + s];
+          channel_dy[c0 + s] += sum_dy[j0 + s];
+          channel_dy_xhat[c0 + s] += sum_dy_xhat[j0 + s];
         }
+        out[2 * q] = a;
+        out[2 * q + 1] = b;
       }
-    }
+    });
     std::fill(cell_sums + 2 * cells.begin, cell_sums + 2 * cells.end, 0.0);
     for (int64_t k = 0; k < ch.count; ++k) {
       const double* part = chunk_sums + k * stride;
@@ -443,43 +445,33 @@ class CpuBackend final : public Backend {
   template <class T, class D, class C>
   void input_grad_rows(const KernelInputs& in, const D* dy, CellRange cells,
                        const Coefficients& coef, const double* cell_terms, T* dx) {
-    reserve_threads();
     const Plan& p = *in.plan;
     const int64_t width = p.row_width;
-    const Chunking ch = chunking(p, cells);
-    const int64_t first_slab = cells.begin / p.cells_per_row;
     const T* x = static_cast<const T*>(in.x);
-#pragma omp parallel
-    {
-      RowCoefficients<C>& rc = row_coefficients<C>();
-#pragma omp for schedule(static)
-      for (int64_t k = 0; k < ch.count; ++k) {
-        const int64_t slab = first_slab + k / ch.per_group;
-        const int64_t r0 = (k % ch.per_group) * ch.step, r1 = std::min(p.rows, r0 + ch.step);
-        if (rc.slab != slab) fill_row_coefficients(p, coef, cell_terms, slab, rc);
-        const C *mean = rc.mean.data(), *mul = rc.mul.data();
-        const C *centered_coef = rc.centered_coef.data(), *offset = rc.offset.data();
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t at = (slab * p.rows + r) * width;
-          const T* xr = x + at;
-          const D* dyr = dy + at;
-          T* dxr = dx + at;
-          if (in.mask) {
-            const uint8_t* m = in.mask + at;
+    for_each_row_chunk<C>(p, cells, coef, cell_terms, chunking(p, cells),
+                          [&](int64_t, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
+      const C *mean = rc.mean.data(), *mul = rc.mul.data();
+      const C *centered_coef = rc.centered_coef.data(), *offset = rc.offset.data();
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t at = (slab * p.rows + r) * width;
+        const T* xr = x + at;
+        const D* dyr = dy + at;
+        T* dxr = dx + at;
+        if (in.mask) {
+          const uint8_t* m = in.mask + at;
 #pragma omp simd
-            for (int64_t j = 0; j < width; ++j) {
-              const C stat_term = m[j] ? (C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j] : C(0);
-              dxr[j] = narrow<T>(C(widen(dyr[j])) * mul[j] + stat_term);
-            }
-          } else {
-#pragma omp simd
-            for (int64_t j = 0; j < width; ++j)
-              dxr[j] = narrow<T>(C(widen(dyr[j])) * mul[j] +
-                                 ((C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j]));
+          for (int64_t j = 0; j < width; ++j) {
+            const C stat_term = m[j] ? (C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j] : C(0);
+            dxr[j] = narrow<T>(C(widen(dyr[j])) * mul[j] + stat_term);
           }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j)
+            dxr[j] = narrow<T>(C(widen(dyr[j])) * mul[j] +
+                               ((C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j]));
         }
       }
-    }
+    });
   }
 
   // ---- contiguous_cells: x is [cells][S][inner] ----------------------------
