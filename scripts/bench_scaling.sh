@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 out="${1:-bench-results}"
 mkdir -p "$out"
 [ -x build/distgn ] || scripts/build.sh >/dev/null
+/usr/bin/python3 -c "import matplotlib" 2>/dev/null || scripts/setup.sh --bench
 shard="${SHARD:-4,32,64,320}"
 global="${GLOBAL:-4,64,64,320}"
 ranks_list="${RANKS:-1 2 4}"

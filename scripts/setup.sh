@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Installs what distgn needs to build and test on Debian (bookworm or newer),
-# then nothing else. Safe to run again: only missing packages are installed.
+# Installs what distgn needs on Debian (bookworm or newer), then nothing else.
+# Safe to run again: only missing packages are installed.
+#   scripts/setup.sh           build, test and run (scripts/build.sh calls it)
+#   scripts/setup.sh --bench   also what the benchmark scripts use: torch for
+#                              scripts/compare_torch.py, matplotlib for plots
 set -euo pipefail
 
 packages=(cmake g++ make catch2 libopenmpi-dev openmpi-bin libcli11-dev nlohmann-json3-dev zlib1g-dev
           python3-sklearn)
+if [ "${1:-}" = "--bench" ]; then
+  packages+=(python3-torch python3-matplotlib python3-numpy)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
