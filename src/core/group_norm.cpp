@@ -417,9 +417,9 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
   const KernelInputs in = ws.inputs(plan, x, mask);
   const void* dy_data = ws.walking_order(plan, dy.data, dtype_size(dy.dtype), ws.dy_gathered);
   void* dx_out = ws.output(plan, dx.data, plan.input_dtype);
+  load_parameters(ws.scale, ws.bias);  // before taking pointers into them
   const Coefficients coef{plan.compute_dtype, state.mean.data(), state.rstd.data(),
                           config_.use_scale ? ws.scale.data() : nullptr, nullptr};
-  load_parameters(ws.scale, ws.bias);
   ws.terms.resize(size_t(2 * cells));
 
   // The flow: partial sums A, B; one collective; dx.
