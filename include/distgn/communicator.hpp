@@ -11,6 +11,11 @@
 #include <mpi.h>
 #endif
 
+#if DISTGN_WITH_NCCL
+struct ncclComm;     // ncclComm_t is ncclComm*
+struct CUstream_st;  // cudaStream_t is CUstream_st*
+#endif
+
 namespace distgn {
 
 // A set of ranks that run collectives together. Every collective is blocking
@@ -45,6 +50,39 @@ std::shared_ptr<Communicator> local_communicator();
 // own and freed with them. Buffers are host memory: Debian's Open MPI is not
 // CUDA-aware.
 std::shared_ptr<Communicator> mpi_communicator(MPI_Comm comm = MPI_COMM_WORLD);
+#endif
+
+#if DISTGN_WITH_NCCL
+// What an NCCL communicator offers beyond the Communicator interface:
+// collectives on device memory, asynchronous on its stream (the caller
+// orders its own work against stream()). The Communicator interface's
+// collectives of an NCCL communicator take host buffers like every other
+// (staged through device memory and synchronised), which is what the layer's
+// exchange uses.
+class DeviceCollectives {
+ public:
+  virtual ~DeviceCollectives() = default;
+  virtual void allreduce_sum_device(double* data, size_t count) = 0;
+  virtual void allreduce_sum_device(float* data, size_t count) = 0;
+  // recv[r * bytes + i] = rank r's send[i].
+  virtual void allgather_device(const void* send, size_t bytes, void* recv) = 0;
+  virtual CUstream_st* stream() const = 0;
+};
+
+// Wraps an NCCL communicator and the stream its collectives run on; the
+// caller owns both and keeps them alive. split() makes communicators (and
+// streams) of its own with ncclCommSplit.
+std::shared_ptr<Communicator> nccl_communicator(ncclComm* comm, CUstream_st* stream);
+#if DISTGN_WITH_MPI
+// Bootstraps NCCL over the ranks of `comm` on CUDA device `device` (rank 0
+// makes the unique id, MPI_Bcast shares it), with a stream of its own; both
+// are released with the result. Collective over comm; raises on every rank
+// if one rank fails.
+std::shared_ptr<Communicator> nccl_communicator_from_mpi(MPI_Comm comm, int device);
+#endif
+// The device collectives of `comm` if it is an NCCL communicator (not a
+// wrapper around one), else null.
+DeviceCollectives* device_collectives(Communicator& comm);
 #endif
 
 // Counts what passes through another communicator: for tests and benchmarks.

@@ -11,6 +11,8 @@
 #include "distgn/config.hpp"
 #include "distgn/tensor.hpp"
 
+struct CUstream_st;  // CUDA's stream: cudaStream_t is CUstream_st*
+
 namespace distgn {
 
 // What forward saves for backward (DESIGN "The flow"): the plan and, per cell,
@@ -21,6 +23,11 @@ struct ForwardState {
   std::vector<double> rstd;   // num_cells, rsqrt(var + epsilon) in the stats dtype
   std::vector<double> count;  // num_cells: valid positions over the whole group
   std::vector<uint8_t> variance_clamped;  // num_cells: fast-variance clamp hit (no var gradient)
+  // Device tensors: the same per-cell values on the device (owned here; what
+  // backward reads). The host vectors above are then filled only where the
+  // call synchronises anyway (a group of several ranks) and left empty for a
+  // group of one rank; GroupNorm::copy_statistics_to_host fills them.
+  std::shared_ptr<void> device;
 };
 
 // Which ranks' dscale/dbias partial sums backward adds up.
@@ -58,11 +65,24 @@ class GroupNorm {
   void set_scale(const TensorView& scale);
   void set_bias(const TensorView& bias);
 
+  // Device tensors (TensorView::device == Device::cuda; a CUDA build): every
+  // launch and copy of a call goes to this stream (default: the legacy
+  // default stream). A call returns once its work is queued; it waits for
+  // the stream only where the host needs a result (the collective of a
+  // group of several ranks, dscale/dbias in host memory). Results are ready
+  // when the stream has caught up.
+  void set_stream(CUstream_st* stream) { stream_ = stream; }
+  CUstream_st* stream() const { return stream_; }
+  // Fills state's host vectors from a device forward's statistics (waits for
+  // the stream). A no-op for host tensors.
+  static void copy_statistics_to_host(ForwardState& state);
+
   // The plan for an input of this shape, layout and dtype (validates, SPEC §2).
   Plan plan(const Shape& shape, Layout layout, DType dtype) const;
 
-  // y = GroupNorm(x). y has x's shape and layout and plan().output_dtype.
-  // mask (optional): nonzero = valid position. state (optional) receives
+  // y = GroupNorm(x). y has x's shape and layout and plan().output_dtype,
+  // and lives where x does (host or device). mask (optional): nonzero =
+  // valid position; on the host, or (device x) on the device. state (optional) receives
   // what backward needs. Exactly one collective over the group per call once
   // a shape has been seen (the first call with a new shape adds one more, in
   // which the ranks agree on the shape or all raise the same error).
@@ -71,7 +91,8 @@ class GroupNorm {
 
   // Gradients of sum(y * dy) summed over all ranks (SPEC §9). dx has x's
   // dtype and shape; dscale/dbias (optional, [C], param_dtype) receive the
-  // partial sums of the ranks `reduction` names. One collective over the
+  // partial sums of the ranks `reduction` names. dy and dx live where x does;
+  // dscale/dbias in host memory or, for device x, on the device. One collective over the
   // group for dx (plus one over the communicator for reduction == all).
   void backward(const TensorView& x, const TensorView& dy, const MaskView* mask,
                 const ForwardState& state, const TensorView& dx,
@@ -91,6 +112,7 @@ class GroupNorm {
   int64_t channels_ = 0;
   std::vector<uint8_t> parameters_;
   std::unique_ptr<Workspace> workspace_;
+  CUstream_st* stream_ = nullptr;
 };
 
 }  // namespace distgn

@@ -12,6 +12,9 @@
 #include "core/group_exchange.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "distgn/error.hpp"
+#if DISTGN_WITH_CUDA
+#include "cuda/cuda_backend.hpp"
+#endif
 
 namespace distgn {
 namespace {
@@ -103,8 +106,27 @@ void broadcast_mask(const Plan& plan, const MaskView& mask, std::vector<uint8_t>
   }
 }
 
+const char* memory_of(Device device) { return device == Device::cpu ? "host memory" : "device memory"; }
+
+// Device tensors need the CUDA backend.
+void check_device_supported(const char* name, Device device) {
+#if DISTGN_WITH_CUDA
+  (void)name;
+  (void)device;
+#else
+  if (device != Device::cpu)
+    throw Error(std::string(name) + " is on a device this build has no backend for (built without CUDA)");
+#endif
+}
+
+// A mask in device memory only goes with device tensors.
+void check_mask_device(const MaskView* mask, Device x_device) {
+  if (mask && mask->device != Device::cpu && mask->device != x_device)
+    throw Error(std::string("mask is in ") + memory_of(mask->device) + " but x is in " + memory_of(x_device));
+}
+
 void check_view(const char* name, const TensorView& view, const Shape& shape, DType dtype,
-                Layout layout) {
+                Layout layout, Device device) {
   if (view.shape != shape)
     throw Error(std::string(name) + " has shape " + shape_string(view.shape) + " but x has shape " +
                 shape_string(shape));
@@ -112,8 +134,8 @@ void check_view(const char* name, const TensorView& view, const Shape& shape, DT
     throw Error(std::string(name) + " has dtype " + dtype_name(view.dtype) + " but must be " +
                 dtype_name(dtype));
   if (view.layout != layout) throw Error(std::string(name) + " has a different layout from x");
-  if (view.device != Device::cpu)
-    throw Error(std::string(name) + " is on a device this build has no backend for");
+  if (view.device != device)
+    throw Error(std::string(name) + " is in " + memory_of(view.device) + " but x is in " + memory_of(device));
   if (!view.data && element_count(shape) > 0) throw Error(std::string(name) + " has no data");
 }
 
@@ -147,6 +169,15 @@ struct GroupNorm::Workspace {
   std::vector<uint8_t> mask_full, mask_gathered, x_gathered, dy_gathered, out_gathered;
   std::vector<double> sums, terms;
   ForwardState state;  // when the caller keeps none
+#if DISTGN_WITH_CUDA
+  // Made on the first call with device tensors.
+  std::unique_ptr<CudaBackend> cuda;
+  CudaBackend& cuda_backend(CUstream_st* stream) {
+    if (!cuda) cuda = make_cuda_backend(stream);
+    else cuda->set_stream(stream);
+    return *cuda;
+  }
+#endif
 
   const Plan& plan_for(const GroupNormConfig& config, const TensorView& x) {
     if (!have_plan || x.shape != plan.shape || x.layout != plan.layout || x.dtype != plan.input_dtype) {
@@ -274,6 +305,14 @@ void GroupNorm::set_bias(const TensorView& bias) {
   copy_parameter("bias", bias, this->bias());
 }
 
+void GroupNorm::copy_statistics_to_host(ForwardState& state) {
+#if DISTGN_WITH_CUDA
+  if (state.device) copy_device_state_to_host(state.device, state);
+#else
+  (void)state;
+#endif
+}
+
 Plan GroupNorm::plan(const Shape& shape, Layout layout, DType dtype) const {
   return resolve(config_, shape, layout, dtype);
 }
@@ -292,15 +331,16 @@ void GroupNorm::load_parameters(std::vector<double>& scale, std::vector<double>&
 // mask (§2.5), the parameters (§2.6) and y. Returns the error message, or "".
 std::string GroupNorm::check_forward(const TensorView& x, const TensorView& y, const MaskView* mask) {
   try {
-    if (x.device != Device::cpu) throw Error("x is on a device this build has no backend for");
+    check_device_supported("x", x.device);
     const Plan& plan = workspace_->plan_for(config_, x);
     if (mask) check_mask(plan, *mask);
+    check_mask_device(mask, x.device);
     if (channels_ && channels_ != plan.channels && (config_.use_scale || config_.use_bias))
       throw Error(std::string(config_.use_scale ? "scale" : "bias") + " has shape (" +
                   std::to_string(channels_) + ",) but x has " + std::to_string(plan.channels) +
                   " channels (shape " + shape_string(x.shape) + ")");
     if (!x.data && element_count(x.shape) > 0) throw Error("x has no data");
-    check_view("y", y, x.shape, plan.output_dtype, x.layout);
+    check_view("y", y, x.shape, plan.output_dtype, x.layout, x.device);
   } catch (const Error& e) {
     return e.what();
   }
@@ -323,6 +363,28 @@ void GroupNorm::forward(const TensorView& x, const TensorView& y, const MaskView
   input.signature = ws.signature;  // a view: no copy per call
   input.num_cells = plan.num_cells;
   if (!channels_ && (config_.use_scale || config_.use_bias)) init_parameters(plan.channels);
+
+#if DISTGN_WITH_CUDA
+  if (x.device == Device::cuda) {
+    // The same flow on the device (src/cuda/cuda_backend.hpp): with one rank
+    // nothing comes back to the host; with several the moments do, once.
+    load_parameters(ws.scale, ws.bias);
+    CudaForwardCall call;
+    call.plan = &plan;
+    call.x = x.data;
+    call.mask = mask;
+    call.y = y.data;
+    call.epsilon = config_.epsilon;
+    call.fast_variance = config_.use_fast_variance;
+    call.scale = config_.use_scale ? ws.scale.data() : nullptr;
+    call.bias = config_.use_bias ? ws.bias.data() : nullptr;
+    if (distributed) call.merge = [&](std::vector<CellMoments>& moments) { ws.exchange->merge(input, moments); };
+    state.plan = plan;
+    ws.cuda_backend(stream_).forward(call, state, state.device);
+    return;
+  }
+#endif
+  state.device.reset();
 
   Backend& backend = *ws.backend;
   const KernelInputs in = ws.inputs(plan, x, mask);
@@ -377,22 +439,26 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
 
   std::string error;
   try {
-    if (state.mean.size() != size_t(cells) || (cells == 0 && element_count(plan.shape) > 0))
+    check_device_supported("x", x.device);
+    const bool have_state = x.device == Device::cpu ? state.mean.size() == size_t(cells) : bool(state.device);
+    if (!have_state || (cells == 0 && element_count(plan.shape) > 0))
       throw Error("backward needs the state of a forward call on the same input");
-    check_view("x", x, plan.shape, plan.input_dtype, plan.layout);
+    check_view("x", x, plan.shape, plan.input_dtype, plan.layout, x.device);
     if (dy.shape != plan.shape)
       throw Error("dy has shape " + shape_string(dy.shape) + " but x has shape " +
                   shape_string(plan.shape));
-    check_view("dy", dy, plan.shape, dy.dtype, plan.layout);
-    check_view("dx", dx, plan.shape, plan.input_dtype, plan.layout);
+    check_view("dy", dy, plan.shape, dy.dtype, plan.layout, x.device);
+    check_view("dx", dx, plan.shape, plan.input_dtype, plan.layout, x.device);
     if (mask) check_mask(plan, *mask);
+    check_mask_device(mask, x.device);
     for (const TensorView* grad : {dscale, dbias})
       if (grad && (grad->shape.size() != 1 || grad->shape[0] != channels || grad->dtype != config_.param_dtype ||
-                   grad->device != Device::cpu || !grad->data))
+                   (grad->device != Device::cpu && grad->device != x.device) || !grad->data))
         throw Error(std::string(grad == dscale ? "dscale" : "dbias") + " has shape " +
                     shape_string(grad->shape) + " and dtype " + dtype_name(grad->dtype) +
                     " but must be (" + std::to_string(channels) + ",) " +
-                    dtype_name(config_.param_dtype) + " in host memory");
+                    dtype_name(config_.param_dtype) + " in host memory" +
+                    (x.device == Device::cpu ? "" : " or x's device memory"));
     if (dscale && !config_.use_scale) throw Error("dscale asked for but use_scale is false");
     if (dbias && !config_.use_bias) throw Error("dbias asked for but use_bias is false");
   } catch (const Error& e) {
@@ -412,6 +478,39 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
     if (params_with_world) sum_or_raise(*comm_, error, channel_sums, size_t(2 * channels + 1), size_t(2 * channels));
     throw Error(error);
   }
+
+#if DISTGN_WITH_CUDA
+  if (x.device == Device::cuda) {
+    load_parameters(ws.scale, ws.bias);
+    CudaBackwardCall call;
+    call.plan = &plan;
+    call.x = x.data;
+    call.dy = dy.data;
+    call.dy_dtype = dy.dtype;
+    call.mask = mask;
+    call.dx = dx.data;
+    call.scale = config_.use_scale ? ws.scale.data() : nullptr;
+    call.host_sums = cell_sums;  // cell sums, then channel sums: the layout of `sums`
+    if (distributed || params_with_world)
+      call.exchange = [&] {
+        if (distributed) ws.exchange->sum(error, sums.data(), group_count);
+        if (params_with_world)
+          sum_or_raise(*comm_, error, channel_sums, size_t(2 * channels + 1), size_t(2 * channels));
+      };
+    const bool host_dscale = dscale && dscale->device == Device::cpu;
+    const bool host_dbias = dbias && dbias->device == Device::cpu;
+    call.channel_sums_to_host = host_dscale || host_dbias;
+    call.dscale = dscale && !host_dscale ? dscale->data : nullptr;
+    call.dbias = dbias && !host_dbias ? dbias->data : nullptr;
+    call.param_dtype = config_.param_dtype;
+    ws.cuda_backend(stream_).backward(call, state.device);
+    for (int64_t c = 0; c < channels; ++c) {
+      if (host_dbias) store_element(dbias->dtype, dbias->data, c, channel_sums[c]);
+      if (host_dscale) store_element(dscale->dtype, dscale->data, c, channel_sums[channels + c]);
+    }
+    return;
+  }
+#endif
 
   Backend& backend = *ws.backend;
   const KernelInputs in = ws.inputs(plan, x, mask);

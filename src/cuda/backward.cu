@@ -1,0 +1,218 @@
+// Backward kernels: the fused pass of sums over x and dy, the channel sums,
+// and the input gradient. Typed and vectorised where dy has x's dtype (or
+// float32) with float32 arithmetic, or everything is float64; every other
+// combination generic.
+#include <type_traits>
+
+#include "cuda/cuda_check.hpp"
+#include "cuda/kernels.cuh"
+
+namespace distgn {
+namespace cuda {
+namespace {
+
+template <class T, class D, class C>
+constexpr bool typed_backward() {
+  if constexpr (std::is_same_v<C, float>)
+    return !std::is_same_v<T, double> && (std::is_same_v<D, T> || std::is_same_v<D, float>);
+  else
+    return std::is_same_v<T, double> && std::is_same_v<D, double>;
+}
+
+// f(x tag, dy tag, compute tag); AnyDType tags for the generic kernels.
+template <class F>
+void with_backward_types(const BackwardInputs& in, int vec, const char* what, F&& f) {
+  if (vec == 1) {
+    with_compute(in.compute, [&](auto c) { f(AnyDType{}, AnyDType{}, c); });
+    return;
+  }
+  bool launched = false;
+  with_storage(in.x_dtype, [&](auto t) {
+    with_storage(in.dy_dtype, [&](auto d) {
+      with_compute(in.compute, [&](auto c) {
+        using T = decltype(t);
+        using D = decltype(d);
+        using C = decltype(c);
+        if constexpr (typed_backward<T, D, C>()) {
+          if (vec != full_vec_of<T>())
+            throw Error(std::string("CUDA ") + what + ": vector width " + std::to_string(vec) +
+                        " does not suit " + dtype_name(in.x_dtype));
+          f(t, d, c);
+          launched = true;
+        }
+      });
+    });
+  });
+  if (!launched)
+    throw Error(std::string("CUDA ") + what + ": no vectorised kernel for x " + dtype_name(in.x_dtype) +
+                ", dy " + dtype_name(in.dy_dtype) + " (the caller must choose vec 1)");
+}
+
+template <class T>
+constexpr int vec_of() {
+  if constexpr (std::is_same_v<T, AnyDType>) return 1;
+  else return full_vec_of<T>();
+}
+
+template <class T, int VEC>
+auto reader(const void* p, DType dtype) {
+  if constexpr (std::is_same_v<T, AnyDType>) return Reader<AnyDType, 1>{p, dtype};
+  else return Reader<T, VEC>{static_cast<const T*>(p)};
+}
+
+template <class T, int VEC>
+auto writer(void* p, DType dtype) {
+  if constexpr (std::is_same_v<T, AnyDType>) return Writer<AnyDType, 1>{p, dtype};
+  else return Writer<T, VEC>{static_cast<T*>(p)};
+}
+
+constexpr int kChannelWarps = 8;
+
+__device__ __forceinline__ void finish_channel(int64_t c, int64_t channels, double dy, double dyx,
+                                               double* channel_sums, const ChannelOutputs& out) {
+  if (out.accumulate) {
+    dy += channel_sums[c];
+    dyx += channel_sums[channels + c];
+  }
+  channel_sums[c] = dy;
+  channel_sums[channels + c] = dyx;
+  if (out.dbias) store_any(out.dbias, c, out.param_dtype, dy);
+  if (out.dscale) store_any(out.dscale, c, out.param_dtype, dyx);
+}
+
+// Warp per channel: channel_sums[c] (+)= sum dy, [C + c] (+)= sum dy * xhat.
+__global__ void rows_channel_kernel(RowsGeometry g, int64_t channels, const SumPair* block_cols,
+                                    double* channel_sums, ChannelOutputs out) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t c = int64_t(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  if (c >= channels) return;
+  const int64_t n = g.channel_terms(channels);
+  double dy = 0, dyx = 0;
+  for (int64_t i = lane; i < n; i += kWarp) {
+    const SumPair p = block_cols[g.channel_term(channels, c, i)];
+    dy += p.first;
+    dyx += p.second;
+  }
+  dy = warp_sum(dy);
+  dyx = warp_sum(dyx);
+  if (lane == 0) finish_channel(c, channels, dy, dyx, channel_sums, out);
+}
+
+// Warp per channel c = g * S + s: the items of segment s of every cell of group g.
+__global__ void cells_channel_kernel(CellsGeometry g, int64_t first_cell, int64_t groups, int64_t channels,
+                                     const SumPair* items, double* channel_sums, ChannelOutputs out) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t c = int64_t(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  if (c >= channels) return;
+  const int64_t group = c / g.segments, s = c % g.segments;
+  const int64_t n = g.channel_terms(first_cell, groups, group);
+  double dy = 0, dyx = 0;
+  for (int64_t i = lane; i < n; i += kWarp) {
+    const SumPair p = items[g.channel_term(first_cell, groups, group, s, i)];
+    dy += p.first;
+    dyx += p.second;
+  }
+  dy = warp_sum(dy);
+  dyx = warp_sum(dyx);
+  if (lane == 0) finish_channel(c, channels, dy, dyx, channel_sums, out);
+}
+
+}  // namespace
+
+bool backward_has_typed(DType x, DType dy, DType compute) {
+  if (compute == DType::f32) return x != DType::f64 && (dy == x || dy == DType::f32);
+  return x == DType::f64 && dy == DType::f64;
+}
+
+void rows_sums(Stream stream, const RowsSumsArgs& a) {
+  const unsigned blocks = grid_size(a.g.blocks(), "rows_sums");
+  if (blocks == 0) return;
+  const size_t shared = size_t(2 * a.g.tile_cols) * sizeof(double);
+  with_backward_types(a.in, a.g.vec, "backward sums", [&](auto t, auto d, auto c) {
+    using T = decltype(t);
+    using D = decltype(d);
+    using C = decltype(c);
+    constexpr int VEC = vec_of<T>();
+    rows_sums_kernel<Reader<T, VEC>, Reader<D, VEC>, C><<<blocks, rows_block_threads(a.g), shared, stream>>>(
+        reader<T, VEC>(a.in.x, a.in.x_dtype), reader<D, VEC>(a.in.dy, a.in.dy_dtype), a);
+    DISTGN_CUDA_CHECK_LAUNCH("rows_sums_kernel");
+  });
+}
+
+void cells_sums(Stream stream, const CellsSumsArgs& a) {
+  const unsigned blocks = grid_size(a.g.blocks(), "cells_sums");
+  if (blocks == 0) return;
+  with_backward_types(a.in, a.g.vec, "backward sums", [&](auto t, auto d, auto c) {
+    using T = decltype(t);
+    using D = decltype(d);
+    using C = decltype(c);
+    constexpr int VEC = vec_of<T>();
+    cells_sums_kernel<Reader<T, VEC>, Reader<D, VEC>, C><<<blocks, a.g.warps * kWarp, 0, stream>>>(
+        reader<T, VEC>(a.in.x, a.in.x_dtype), reader<D, VEC>(a.in.dy, a.in.dy_dtype), a);
+    DISTGN_CUDA_CHECK_LAUNCH("cells_sums_kernel");
+  });
+}
+
+void rows_channel_sums(Stream stream, const RowsGeometry& g, int64_t channels, const SumPair* block_cols,
+                       double* channel_sums, const ChannelOutputs& out) {
+  if (channels == 0) return;
+  const unsigned blocks = grid_size(ceil_div(channels, kChannelWarps), "rows_channel_sums");
+  rows_channel_kernel<<<blocks, kChannelWarps * kWarp, 0, stream>>>(g, channels, block_cols, channel_sums, out);
+  DISTGN_CUDA_CHECK_LAUNCH("rows_channel_kernel");
+}
+
+void cells_channel_sums(Stream stream, const CellsGeometry& g, int64_t first_cell, int64_t groups,
+                        int64_t channels, const SumPair* items, double* channel_sums, const ChannelOutputs& out) {
+  if (channels == 0) return;
+  const unsigned blocks = grid_size(ceil_div(channels, kChannelWarps), "cells_channel_sums");
+  cells_channel_kernel<<<blocks, kChannelWarps * kWarp, 0, stream>>>(g, first_cell, groups, channels, items,
+                                                                    channel_sums, out);
+  DISTGN_CUDA_CHECK_LAUNCH("cells_channel_kernel");
+}
+
+void rows_input_grad(Stream stream, const RowsGeometry& g, int64_t first_slab, const GradArgs& a) {
+  const unsigned blocks = grid_size(g.blocks(), "rows_input_grad");
+  if (blocks == 0 || g.rows == 0) return;
+  with_backward_types(a.in, g.vec, "input gradient", [&](auto t, auto d, auto c) {
+    using T = decltype(t);
+    using D = decltype(d);
+    using C = decltype(c);
+    constexpr int VEC = vec_of<T>();
+    const auto x = reader<T, VEC>(a.in.x, a.in.x_dtype);
+    const auto dy = reader<D, VEC>(a.in.dy, a.in.dy_dtype);
+    const auto dx = writer<T, VEC>(a.dx, a.in.x_dtype);
+    using R = decltype(x);
+    using RD = decltype(dy);
+    using Wr = decltype(dx);
+    if (a.mask)
+      rows_grad_kernel<R, RD, Wr, C, true><<<blocks, rows_block_threads(g), 0, stream>>>(x, dy, dx, g, first_slab, a);
+    else
+      rows_grad_kernel<R, RD, Wr, C, false><<<blocks, rows_block_threads(g), 0, stream>>>(x, dy, dx, g, first_slab, a);
+    DISTGN_CUDA_CHECK_LAUNCH("rows_grad_kernel");
+  });
+}
+
+void cells_input_grad(Stream stream, const CellsGeometry& g, int64_t first_cell, const GradArgs& a) {
+  const unsigned blocks = grid_size(g.blocks(), "cells_input_grad");
+  if (blocks == 0 || g.inner == 0) return;
+  with_backward_types(a.in, g.vec, "input gradient", [&](auto t, auto d, auto c) {
+    using T = decltype(t);
+    using D = decltype(d);
+    using C = decltype(c);
+    constexpr int VEC = vec_of<T>();
+    const auto x = reader<T, VEC>(a.in.x, a.in.x_dtype);
+    const auto dy = reader<D, VEC>(a.in.dy, a.in.dy_dtype);
+    const auto dx = writer<T, VEC>(a.dx, a.in.x_dtype);
+    using R = decltype(x);
+    using RD = decltype(dy);
+    using Wr = decltype(dx);
+    if (a.mask)
+      cells_grad_kernel<R, RD, Wr, C, true><<<blocks, g.warps * kWarp, 0, stream>>>(x, dy, dx, g, first_cell, a);
+    else
+      cells_grad_kernel<R, RD, Wr, C, false><<<blocks, g.warps * kWarp, 0, stream>>>(x, dy, dx, g, first_cell, a);
+    DISTGN_CUDA_CHECK_LAUNCH("cells_grad_kernel");
+  });
+}
+
+}  // namespace cuda
+}  // namespace distgn

@@ -1,0 +1,705 @@
+// The CUDA kernels, templated on readers/writers (device_common.cuh). Design
+// (see also geometry.hpp and INTEGRATION.md):
+//  - 16-byte vector accesses, consecutive threads on consecutive vectors, so
+//    a warp moves 512 contiguous bytes per access; kUnroll independent loads
+//    in flight per thread before the first use.
+//  - A cell is reduced by many blocks (channel_rows: row chunks x column tiles;
+//    contiguous_cells: one warp per segment chunk), each writing a partial.
+//    The last block (warp) to finish a slab (cell), found with an atomic
+//    counter, merges its partials in a fixed order: statistics and backward
+//    sums need no extra launch, and the result is the same bits every run.
+//  - Partial moments use a shift that is a value of the cell (the first one,
+//    or the first valid finite one under a mask), common to the block, so the
+//    block's sums just add; across blocks Chan's merge combines them. Sums
+//    of up to kUnroll * vec elements are taken in the input's float type,
+//    everything beyond in double.
+//  - The elementwise kernels walk their blocks in reverse, so that the data
+//    the reduction read last (still in L2) is read first.
+#pragma once
+
+#include "cuda/device_common.cuh"
+
+namespace distgn {
+namespace cuda {
+
+inline int rows_block_threads(const RowsGeometry& g) { return g.block_threads(); }
+
+// ============================================================================
+// channel_rows
+// ============================================================================
+
+template <class R, bool MASKED>
+__global__ void __launch_bounds__(kMaxBlockThreads) rows_stats_kernel(R x, RowsStatsArgs a) {
+  constexpr int VEC = R::kVec;
+  using W = typename R::Wide;
+  const RowsGeometry& g = a.g;
+  extern __shared__ double smem[];
+  double* col_sum = smem;
+  double* col_sq = smem + g.tile_cols;
+  double* col_count = smem + 2 * g.tile_cols;
+  unsigned long long* first_valid = reinterpret_cast<unsigned long long*>(smem + 3 * g.tile_cols);
+  __shared__ int last_block;
+
+  const RowsThread t = rows_thread(g, blockIdx.x, threadIdx.x, a.first_slab);
+  const RowsGeometry::Block blk = g.block(blockIdx.x);
+  const int64_t S = g.group_size;
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp, warps = blockDim.x / kWarp;
+
+  if constexpr (MASKED) {
+    // Each cell's shift is its first valid finite element in this block
+    // (row-major over the tile): the smallest such index any thread finds.
+    for (int64_t s = tid; s < g.slots; s += blockDim.x) first_valid[s] = ~0ull;
+    __syncthreads();
+    if (t.active) {
+      bool found[VEC];
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) found[l] = false;
+      int remaining = VEC;
+      for (int64_t r = t.r0 + t.ty; r < t.r1 && remaining > 0; r += g.ty) {
+        W v[VEC];
+        uint8_t m[VEC];
+        x.load(t.base + r * g.width + t.col, v);
+        load_mask<VEC>(a.mask, t.base + r * g.width + t.col, m);
+#pragma unroll
+        for (int l = 0; l < VEC; ++l)
+          if (!found[l] && m[l] && is_finite(v[l])) {
+            found[l] = true;
+            --remaining;
+            const unsigned long long index =
+                (unsigned long long)((r - t.r0) * g.tile_cols + (t.col - t.t0 + l));
+            atomicMin(&first_valid[(t.col + l) / S - t.cell0], index);
+          }
+      }
+    }
+    __syncthreads();
+  }
+  // The shift of slot s (cell t.cell0 + s): a value of the cell, finite, or 0.
+  auto cell_shift = [&](int64_t s) -> W {
+    if constexpr (MASKED) {
+      const unsigned long long index = first_valid[s];
+      if (index == ~0ull) return W(0);
+      return x.get(t.base + (t.r0 + int64_t(index / g.tile_cols)) * g.width + t.t0 +
+                   int64_t(index % g.tile_cols));
+    } else {
+      if (t.r0 >= t.r1) return W(0);
+      const W v = x.get(t.base + t.r0 * g.width + g.cell_tile_begin(t.cell0 + s, blk.tile));
+      return is_finite(v) ? v : W(0);
+    }
+  };
+
+  // Without a mask every column of a thread sees the same rows: one count.
+  constexpr int kCounts = MASKED ? VEC : 1;
+  W shift[VEC];
+  double sum[VEC], sum_sq[VEC], count[kCounts];
+#pragma unroll
+  for (int l = 0; l < VEC; ++l) {
+    shift[l] = t.active ? cell_shift((t.col + l) / S - t.cell0) : W(0);
+    sum[l] = sum_sq[l] = 0;
+  }
+#pragma unroll
+  for (int l = 0; l < kCounts; ++l) count[l] = 0;
+  if (t.active) {
+    for (int64_t r = t.r0 + t.ty; r < t.r1; r += int64_t(kUnroll) * g.ty) {
+      typename R::Raw v[kUnroll];
+      MaskPack<VEC> m[kUnroll];
+      bool ok[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t row = r + int64_t(u) * g.ty;
+        ok[u] = row < t.r1;
+        v[u] = typename R::Raw{};
+        m[u] = MaskPack<VEC>{};
+        if (ok[u]) {
+          x.load_raw(t.base + row * g.width + t.col, v[u]);
+          if constexpr (MASKED) load_mask<VEC>(a.mask, t.base + row * g.width + t.col, m[u]);
+        }
+      }
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) {
+        W s = 0, q = 0, n = 0;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const bool valid = ok[u] && (!MASKED || m[u].e[l] != 0);
+          const W d = valid ? R::lane(v[u], l) - shift[l] : W(0);
+          s += d;
+          q += d * d;
+          n += valid ? W(1) : W(0);
+        }
+        sum[l] += double(s);
+        sum_sq[l] += double(q);
+        if constexpr (MASKED) count[l] += double(n);
+      }
+      if constexpr (!MASKED) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) count[0] += ok[u] ? 1.0 : 0.0;
+      }
+    }
+  }
+
+  // Per column over the block's rows, in ty order.
+  for (int k = 0; k < g.ty; ++k) {
+    if (t.active && t.ty == k) {
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) {
+        const int64_t j = t.col - t.t0 + l;
+        col_sum[j] = k == 0 ? sum[l] : col_sum[j] + sum[l];
+        col_sq[j] = k == 0 ? sum_sq[l] : col_sq[j] + sum_sq[l];
+        const double n = count[MASKED ? l : 0];
+        col_count[j] = k == 0 ? n : col_count[j] + n;
+      }
+    }
+    __syncthreads();
+  }
+  // Per cell of the tile: one partial.
+  const int64_t cells = g.tile_cells(blk.tile);
+  for (int64_t s = warp; s < cells; s += warps) {
+    const int64_t q = t.cell0 + s;
+    const int64_t c0 = g.cell_tile_begin(q, blk.tile) - t.t0, c1 = g.cell_tile_end(q, blk.tile) - t.t0;
+    double su = 0, sq = 0, n = 0;
+    for (int64_t j = c0 + lane; j < c1; j += kWarp) {
+      su += col_sum[j];
+      sq += col_sq[j];
+      n += col_count[j];
+    }
+    su = warp_sum(su);
+    sq = warp_sum(sq);
+    n = warp_sum(n);
+    if (lane == 0)
+      a.partials[int64_t(blockIdx.x) * g.slots + s] = moments_from_shifted_sums(n, double(cell_shift(s)), su, sq);
+  }
+
+  __threadfence();  // every writer's partials, before the block's arrival
+  __syncthreads();
+  if (tid == 0) last_block = arrive_last(a.counters + blk.slab, unsigned(g.blocks_per_slab()));
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();  // every reader, after the arrival that saw all others
+  for (int64_t q = warp; q < g.cells_per_row; q += warps) {
+    CellMoments m{0, 0, 0};
+    const int64_t n = g.partials_per_cell(q);
+    for (int64_t i = lane; i < n; i += kWarp)
+      m = merge_moments(m, load_partial(a.partials + g.partial_of_cell(blk.slab, q, i)));
+    m = warp_merge(m);
+    if (lane == 0) {
+      const int64_t cell = t.slab * g.cells_per_row + q;
+      if (a.moments) a.moments[cell] = m;
+      if (a.finalize) write_cell_state(a.state, cell, m, a.fin);
+    }
+  }
+}
+
+template <class R, class Wr, class C>
+__global__ void __launch_bounds__(kMaxBlockThreads) rows_normalize_kernel(R x, Wr y, RowsNormalizeArgs a) {
+  constexpr int VEC = R::kVec;
+  constexpr int UNROLL = 2 * kUnroll;
+  static_assert(Wr::kVec == VEC, "reader and writer widths differ");
+  const RowsGeometry& g = a.g;
+  const RowsThread t = rows_thread(g, g.blocks() - 1 - int64_t(blockIdx.x), threadIdx.x, a.first_slab);
+  if (!t.active) return;
+  C mean[VEC], mul[VEC], add[VEC];
+#pragma unroll
+  for (int l = 0; l < VEC; ++l) {
+    const int64_t j = t.col + l;
+    const int64_t cell = t.slab * g.cells_per_row + j / g.group_size, c = j % a.c.channels;
+    const C r = C(a.c.rstd[cell]);
+    mean[l] = C(a.c.mean[cell]);
+    mul[l] = a.c.scale ? r * C(a.c.scale[c]) : r;
+    add[l] = a.c.bias ? C(a.c.bias[c]) : C(0);
+  }
+  for (int64_t r = t.r0 + t.ty; r < t.r1; r += int64_t(UNROLL) * g.ty) {
+    typename R::Raw v[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int64_t row = r + int64_t(u) * g.ty;
+      if (row < t.r1) x.load_raw(t.base + row * g.width + t.col, v[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int64_t row = r + int64_t(u) * g.ty;
+      if (row < t.r1) {
+        C out[VEC];
+#pragma unroll
+        for (int l = 0; l < VEC; ++l) out[l] = (C(R::lane(v[u], l)) - mean[l]) * mul[l] + add[l];
+        y.store(t.base + row * g.width + t.col, out);
+      }
+    }
+  }
+}
+
+template <class RD, class C>
+using AccumulatorOf = decltype(typename RD::Wide() * C());
+
+template <class R, class RD, class C>
+__global__ void __launch_bounds__(kMaxBlockThreads) rows_sums_kernel(R x, RD dy, RowsSumsArgs a) {
+  constexpr int VEC = R::kVec;
+  static_assert(RD::kVec == VEC, "x and dy readers differ in width");
+  using Acc = AccumulatorOf<RD, C>;
+  const RowsGeometry& g = a.g;
+  const BackwardInputs& in = a.in;
+  extern __shared__ double smem[];
+  double* col_dy = smem;
+  double* col_dx = smem + g.tile_cols;
+  __shared__ int last_block;
+
+  const RowsThread t = rows_thread(g, blockIdx.x, threadIdx.x, a.first_slab);
+  const RowsGeometry::Block blk = g.block(blockIdx.x);
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp, warps = blockDim.x / kWarp;
+
+  C mean[VEC], rstd[VEC];
+  double sum_dy[VEC], sum_dyx[VEC];
+#pragma unroll
+  for (int l = 0; l < VEC; ++l) {
+    const int64_t cell = t.active ? t.slab * g.cells_per_row + (t.col + l) / g.group_size : 0;
+    mean[l] = t.active ? C(in.c.mean[cell]) : C(0);
+    rstd[l] = t.active ? C(in.c.rstd[cell]) : C(0);
+    sum_dy[l] = sum_dyx[l] = 0;
+  }
+  if (t.active) {
+    for (int64_t r = t.r0 + t.ty; r < t.r1; r += int64_t(kUnroll) * g.ty) {
+      typename R::Raw v[kUnroll];
+      typename RD::Raw d[kUnroll];
+      bool ok[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t row = r + int64_t(u) * g.ty;
+        ok[u] = row < t.r1;
+        v[u] = typename R::Raw{};
+        d[u] = typename RD::Raw{};
+        if (ok[u]) {
+          x.load_raw(t.base + row * g.width + t.col, v[u]);
+          dy.load_raw(t.base + row * g.width + t.col, d[u]);
+        }
+      }
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) {
+        Acc s = 0, p = 0;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const C xhat = (C(R::lane(v[u], l)) - mean[l]) * rstd[l];
+          const Acc gv = Acc(RD::lane(d[u], l));
+          s += ok[u] ? gv : Acc(0);
+          p += ok[u] ? gv * Acc(xhat) : Acc(0);
+        }
+        sum_dy[l] += double(s);
+        sum_dyx[l] += double(p);
+      }
+    }
+  }
+  for (int k = 0; k < g.ty; ++k) {
+    if (t.active && t.ty == k) {
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) {
+        const int64_t j = t.col - t.t0 + l;
+        col_dy[j] = k == 0 ? sum_dy[l] : col_dy[j] + sum_dy[l];
+        col_dx[j] = k == 0 ? sum_dyx[l] : col_dx[j] + sum_dyx[l];
+      }
+    }
+    __syncthreads();
+  }
+  // Per column (for the channel sums) and per cell of the tile (A, B).
+  const int64_t width = t.t1 - t.t0;
+  for (int64_t j = tid; j < width; j += blockDim.x)
+    a.block_cols[int64_t(blockIdx.x) * g.tile_cols + j] = SumPair{col_dy[j], col_dx[j]};
+  const int64_t cells = g.tile_cells(blk.tile);
+  for (int64_t s = warp; s < cells; s += warps) {
+    const int64_t q = t.cell0 + s;
+    const int64_t c0 = g.cell_tile_begin(q, blk.tile) - t.t0, c1 = g.cell_tile_end(q, blk.tile) - t.t0;
+    double A = 0, B = 0;
+    for (int64_t j = c0 + lane; j < c1; j += kWarp) {
+      const double scale = in.c.scale ? double(C(in.c.scale[(t.t0 + j) % in.c.channels])) : 1.0;
+      A += scale * col_dy[j];
+      B += scale * col_dx[j];
+    }
+    A = warp_sum(A);
+    B = warp_sum(B);
+    if (lane == 0) a.block_cells[int64_t(blockIdx.x) * g.slots + s] = SumPair{A, B};
+  }
+
+  __threadfence();  // every writer's partials, before the block's arrival
+  __syncthreads();
+  if (tid == 0) last_block = arrive_last(a.counters + blk.slab, unsigned(g.blocks_per_slab()));
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();  // every reader, after the arrival that saw all others
+  for (int64_t q = warp; q < g.cells_per_row; q += warps) {
+    double A = 0, B = 0;
+    const int64_t n = g.partials_per_cell(q);
+    for (int64_t i = lane; i < n; i += kWarp) {
+      const SumPair p = load_partial(a.block_cells + g.partial_of_cell(blk.slab, q, i));
+      A += p.first;
+      B += p.second;
+    }
+    A = warp_sum(A);
+    B = warp_sum(B);
+    if (lane == 0) {
+      const int64_t cell = t.slab * g.cells_per_row + q;
+      a.cell_sums[cell] = SumPair{A, B};
+      if (a.terms) {
+        const double count = in.count[cell];
+        a.terms[cell] = SumPair{A / count, in.clamped[cell] != 0.0 ? 0.0 : B / count};
+      }
+    }
+  }
+}
+
+template <class R, class RD, class Wr, class C, bool MASKED>
+__global__ void __launch_bounds__(kMaxBlockThreads)
+    rows_grad_kernel(R x, RD dy, Wr dx, RowsGeometry g, int64_t first_slab, GradArgs a) {
+  constexpr int VEC = R::kVec;
+  constexpr int UNROLL = kUnroll;
+  static_assert(RD::kVec == VEC && Wr::kVec == VEC, "reader and writer widths differ");
+  const BackwardInputs& in = a.in;
+  const RowsThread t = rows_thread(g, g.blocks() - 1 - int64_t(blockIdx.x), threadIdx.x, first_slab);
+  if (!t.active) return;
+  // dx = dy * (rstd * scale) + ((x - mean) * (-rstd * rstd * b) - rstd * a), the
+  // statistics term dropped at masked positions (the CPU backend's form).
+  C mean[VEC], mul[VEC], centered[VEC], offset[VEC];
+#pragma unroll
+  for (int l = 0; l < VEC; ++l) {
+    const int64_t j = t.col + l;
+    const int64_t cell = t.slab * g.cells_per_row + j / g.group_size, c = j % in.c.channels;
+    const C r = C(in.c.rstd[cell]);
+    const SumPair terms = a.terms[cell];
+    mean[l] = C(in.c.mean[cell]);
+    mul[l] = in.c.scale ? r * C(in.c.scale[c]) : r;
+    centered[l] = -r * (r * C(terms.second));
+    offset[l] = -r * C(terms.first);
+  }
+  for (int64_t r = t.r0 + t.ty; r < t.r1; r += int64_t(UNROLL) * g.ty) {
+    typename R::Raw v[UNROLL];
+    typename RD::Raw d[UNROLL];
+    MaskPack<VEC> m[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int64_t row = r + int64_t(u) * g.ty;
+      if (row < t.r1) {
+        x.load_raw(t.base + row * g.width + t.col, v[u]);
+        dy.load_raw(t.base + row * g.width + t.col, d[u]);
+        if constexpr (MASKED) load_mask<VEC>(a.mask, t.base + row * g.width + t.col, m[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int64_t row = r + int64_t(u) * g.ty;
+      if (row < t.r1) {
+        C out[VEC];
+#pragma unroll
+        for (int l = 0; l < VEC; ++l) {
+          const C stat = (C(R::lane(v[u], l)) - mean[l]) * centered[l] + offset[l];
+          out[l] = C(RD::lane(d[u], l)) * mul[l] + (!MASKED || m[u].e[l] != 0 ? stat : C(0));
+        }
+        dx.store(t.base + row * g.width + t.col, out);
+      }
+    }
+  }
+}
+
+// ============================================================================
+// contiguous_cells: one warp per item (a chunk of one channel's run)
+// ============================================================================
+
+// The warp's item: < 0 when the warp has none. `reverse` walks items from the last.
+__device__ __forceinline__ int64_t warp_item(const CellsGeometry& g, bool reverse) {
+  const int64_t i = int64_t(blockIdx.x) * g.warps + threadIdx.x / kWarp;
+  if (i >= g.items()) return -1;
+  return reverse ? g.items() - 1 - i : i;
+}
+
+template <class R, bool MASKED>
+__global__ void __launch_bounds__(kItemWarps * kWarp) cells_stats_kernel(R x, CellsStatsArgs a) {
+  constexpr int VEC = R::kVec;
+  using W = typename R::Wide;
+  const CellsGeometry& g = a.g;
+  const int64_t item = warp_item(g, false);
+  if (item < 0) return;
+  const int lane = threadIdx.x % kWarp;
+  const CellsGeometry::Item it = g.item(item);
+  const int64_t base = a.first_cell * g.cell_elements();
+  const ItemRange rg = item_range(base + it.begin, base + it.end, VEC);
+  const int64_t head = rg.body_begin - rg.begin, tail = rg.end - rg.body_end;
+
+  W shift = 0;
+  if constexpr (MASKED) {
+    // The item's first valid finite element (offsets fit 32 bits: items are short).
+    uint32_t best = ~0u;
+    auto consider = [&](int64_t i, W v, uint8_t m) {
+      if (best == ~0u && m != 0 && is_finite(v)) best = uint32_t(i - rg.begin);
+    };
+    if (lane < head) consider(rg.begin + lane, x.get(rg.begin + lane), a.mask[rg.begin + lane]);
+    for (int64_t i = rg.body_begin + int64_t(lane) * VEC; i < rg.body_end && best == ~0u; i += int64_t(kWarp) * VEC) {
+      W v[VEC];
+      uint8_t m[VEC];
+      x.load(i, v);
+      load_mask<VEC>(a.mask, i, m);
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) consider(i + l, v[l], m[l]);
+    }
+    if (lane < tail) consider(rg.body_end + lane, x.get(rg.body_end + lane), a.mask[rg.body_end + lane]);
+    best = warp_min(best);
+    shift = best == ~0u ? W(0) : x.get(rg.begin + best);
+  } else {
+    if (rg.begin < rg.end) shift = x.get(rg.begin);
+    if (!is_finite(shift)) shift = W(0);
+  }
+
+  double sum = 0, sum_sq = 0, count = 0;
+  auto scalar = [&](int64_t i) {
+    const bool valid = !MASKED || a.mask[i] != 0;
+    const W d = valid ? x.get(i) - shift : W(0);
+    sum += double(d);
+    sum_sq += double(d * d);
+    count += valid ? 1.0 : 0.0;
+  };
+  if (lane < head) scalar(rg.begin + lane);
+  if (lane < tail) scalar(rg.body_end + lane);
+  constexpr int64_t kStep = int64_t(kWarp) * VEC;
+  for (int64_t i = rg.body_begin + int64_t(lane) * VEC; i < rg.body_end; i += kStep * kUnroll) {
+    typename R::Raw v[kUnroll];
+    MaskPack<VEC> m[kUnroll];
+    bool ok[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t at = i + u * kStep;
+      ok[u] = at < rg.body_end;
+      v[u] = typename R::Raw{};
+      m[u] = MaskPack<VEC>{};
+      if (ok[u]) {
+        x.load_raw(at, v[u]);
+        if constexpr (MASKED) load_mask<VEC>(a.mask, at, m[u]);
+      }
+    }
+    W s = 0, q = 0, n = 0;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) {
+        const bool valid = ok[u] && (!MASKED || m[u].e[l] != 0);
+        const W d = valid ? R::lane(v[u], l) - shift : W(0);
+        s += d;
+        q += d * d;
+        n += valid ? W(1) : W(0);
+      }
+    sum += double(s);
+    sum_sq += double(q);
+    count += double(n);
+  }
+  sum = warp_sum(sum);
+  sum_sq = warp_sum(sum_sq);
+  count = warp_sum(count);
+  int last = 0;
+  if (lane == 0) {
+    a.partials[item] = moments_from_shifted_sums(count, double(shift), sum, sum_sq);
+    last = arrive_last(a.counters + it.cell, unsigned(g.items_per_cell())) ? 1 : 0;
+  }
+  last = __shfl_sync(kFullMask, last, 0);
+  if (!last) return;
+  __threadfence();  // every reading lane, after lane 0 saw all other items arrive
+  const int64_t n = g.items_per_cell(), first = it.cell * n;
+  CellMoments m{0, 0, 0};
+  for (int64_t i = lane; i < n; i += kWarp) m = merge_moments(m, load_partial(a.partials + first + i));
+  m = warp_merge(m);
+  if (lane == 0) {
+    const int64_t cell = a.first_cell + it.cell;
+    if (a.moments) a.moments[cell] = m;
+    if (a.finalize) write_cell_state(a.state, cell, m, a.fin);
+  }
+}
+
+template <class R, class Wr, class C>
+__global__ void __launch_bounds__(kItemWarps * kWarp) cells_normalize_kernel(R x, Wr y, CellsNormalizeArgs a) {
+  constexpr int VEC = R::kVec;
+  constexpr int UNROLL = 2 * kUnroll;
+  static_assert(Wr::kVec == VEC, "reader and writer widths differ");
+  const CellsGeometry& g = a.g;
+  const int64_t item = warp_item(g, true);
+  if (item < 0) return;
+  const int lane = threadIdx.x % kWarp;
+  const CellsGeometry::Item it = g.item(item);
+  const int64_t base = a.first_cell * g.cell_elements();
+  const ItemRange rg = item_range(base + it.begin, base + it.end, VEC);
+  const int64_t cell = a.first_cell + it.cell, c = (cell % a.c.groups) * g.segments + it.segment;
+  const C r = C(a.c.rstd[cell]), mean = C(a.c.mean[cell]);
+  const C mul = a.c.scale ? r * C(a.c.scale[c]) : r;
+  const C add = a.c.bias ? C(a.c.bias[c]) : C(0);
+
+  auto scalar = [&](int64_t i) { y.put(i, (C(x.get(i)) - mean) * mul + add); };
+  if (lane < rg.body_begin - rg.begin) scalar(rg.begin + lane);
+  if (lane < rg.end - rg.body_end) scalar(rg.body_end + lane);
+  constexpr int64_t kStep = int64_t(kWarp) * VEC;
+  for (int64_t i = rg.body_begin + int64_t(lane) * VEC; i < rg.body_end; i += kStep * UNROLL) {
+    typename R::Raw v[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      if (i + u * kStep < rg.body_end) x.load_raw(i + u * kStep, v[u]);
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      if (i + u * kStep < rg.body_end) {
+        C out[VEC];
+#pragma unroll
+        for (int l = 0; l < VEC; ++l) out[l] = (C(R::lane(v[u], l)) - mean) * mul + add;
+        y.store(i + u * kStep, out);
+      }
+  }
+}
+
+template <class R, class RD, class C>
+__global__ void __launch_bounds__(kItemWarps * kWarp) cells_sums_kernel(R x, RD dy, CellsSumsArgs a) {
+  constexpr int VEC = R::kVec;
+  static_assert(RD::kVec == VEC, "x and dy readers differ in width");
+  using Acc = AccumulatorOf<RD, C>;
+  const CellsGeometry& g = a.g;
+  const BackwardInputs& in = a.in;
+  const int64_t item = warp_item(g, false);
+  if (item < 0) return;
+  const int lane = threadIdx.x % kWarp;
+  const CellsGeometry::Item it = g.item(item);
+  const int64_t base = a.first_cell * g.cell_elements();
+  const ItemRange rg = item_range(base + it.begin, base + it.end, VEC);
+  const int64_t cell = a.first_cell + it.cell;
+  const C mean = C(in.c.mean[cell]), rstd = C(in.c.rstd[cell]);
+
+  double sum_dy = 0, sum_dyx = 0;
+  auto scalar = [&](int64_t i) {
+    const C xhat = (C(x.get(i)) - mean) * rstd;
+    const Acc gv = Acc(dy.get(i));
+    sum_dy += double(gv);
+    sum_dyx += double(gv * Acc(xhat));
+  };
+  if (lane < rg.body_begin - rg.begin) scalar(rg.begin + lane);
+  if (lane < rg.end - rg.body_end) scalar(rg.body_end + lane);
+  constexpr int64_t kStep = int64_t(kWarp) * VEC;
+  for (int64_t i = rg.body_begin + int64_t(lane) * VEC; i < rg.body_end; i += kStep * kUnroll) {
+    typename R::Raw v[kUnroll];
+    typename RD::Raw d[kUnroll];
+    bool ok[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t at = i + u * kStep;
+      ok[u] = at < rg.body_end;
+      v[u] = typename R::Raw{};
+      d[u] = typename RD::Raw{};
+      if (ok[u]) {
+        x.load_raw(at, v[u]);
+        dy.load_raw(at, d[u]);
+      }
+    }
+    Acc s = 0, p = 0;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) {
+        const C xhat = (C(R::lane(v[u], l)) - mean) * rstd;
+        const Acc gv = Acc(RD::lane(d[u], l));
+        s += ok[u] ? gv : Acc(0);
+        p += ok[u] ? gv * Acc(xhat) : Acc(0);
+      }
+    sum_dy += double(s);
+    sum_dyx += double(p);
+  }
+  sum_dy = warp_sum(sum_dy);
+  sum_dyx = warp_sum(sum_dyx);
+  int last = 0;
+  if (lane == 0) {
+    a.items[item] = SumPair{sum_dy, sum_dyx};
+    last = arrive_last(a.counters + it.cell, unsigned(g.items_per_cell())) ? 1 : 0;
+  }
+  last = __shfl_sync(kFullMask, last, 0);
+  if (!last) return;
+  __threadfence();  // every reading lane, after lane 0 saw all other items arrive
+  const int64_t n = g.items_per_cell(), first = it.cell * n;
+  const int64_t channel0 = (cell % in.c.groups) * g.segments;
+  double A = 0, B = 0;
+  for (int64_t i = lane; i < n; i += kWarp) {
+    const SumPair p = load_partial(a.items + first + i);
+    const double scale = in.c.scale ? double(C(in.c.scale[channel0 + i / g.chunks])) : 1.0;
+    A += scale * p.first;
+    B += scale * p.second;
+  }
+  A = warp_sum(A);
+  B = warp_sum(B);
+  if (lane == 0) {
+    a.cell_sums[cell] = SumPair{A, B};
+    if (a.terms) {
+      const double count = in.count[cell];
+      a.terms[cell] = SumPair{A / count, in.clamped[cell] != 0.0 ? 0.0 : B / count};
+    }
+  }
+}
+
+template <class R, class RD, class Wr, class C, bool MASKED>
+__global__ void __launch_bounds__(kItemWarps * kWarp)
+    cells_grad_kernel(R x, RD dy, Wr dx, CellsGeometry g, int64_t first_cell, GradArgs a) {
+  constexpr int VEC = R::kVec;
+  constexpr int UNROLL = kUnroll;
+  static_assert(RD::kVec == VEC && Wr::kVec == VEC, "reader and writer widths differ");
+  const BackwardInputs& in = a.in;
+  const int64_t item = warp_item(g, true);
+  if (item < 0) return;
+  const int lane = threadIdx.x % kWarp;
+  const CellsGeometry::Item it = g.item(item);
+  const int64_t base = first_cell * g.cell_elements();
+  const ItemRange rg = item_range(base + it.begin, base + it.end, VEC);
+  const int64_t cell = first_cell + it.cell, c = (cell % in.c.groups) * g.segments + it.segment;
+  // dx = rstd * (dy * scale - m * (a + xhat * b)): the CPU backend's form.
+  const C r = C(in.c.rstd[cell]), mean = C(in.c.mean[cell]);
+  const C scale = in.c.scale ? C(in.c.scale[c]) : C(1);
+  const SumPair terms = a.terms[cell];
+  const C ta = C(terms.first), tb = C(terms.second);
+
+  auto value = [&](auto xv, auto dv, bool valid) {
+    const C xhat = (C(xv) - mean) * r;
+    const C gv = C(dv) * scale;
+    return r * (gv - (valid ? ta + xhat * tb : C(0)));
+  };
+  auto scalar = [&](int64_t i) { dx.put(i, value(x.get(i), dy.get(i), !MASKED || a.mask[i] != 0)); };
+  if (lane < rg.body_begin - rg.begin) scalar(rg.begin + lane);
+  if (lane < rg.end - rg.body_end) scalar(rg.body_end + lane);
+  constexpr int64_t kStep = int64_t(kWarp) * VEC;
+  for (int64_t i = rg.body_begin + int64_t(lane) * VEC; i < rg.body_end; i += kStep * UNROLL) {
+    typename R::Raw v[UNROLL];
+    typename RD::Raw d[UNROLL];
+    MaskPack<VEC> m[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      if (i + u * kStep < rg.body_end) {
+        x.load_raw(i + u * kStep, v[u]);
+        dy.load_raw(i + u * kStep, d[u]);
+        if constexpr (MASKED) load_mask<VEC>(a.mask, i + u * kStep, m[u]);
+      }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      if (i + u * kStep < rg.body_end) {
+        C out[VEC];
+#pragma unroll
+        for (int l = 0; l < VEC; ++l)
+          out[l] = value(R::lane(v[u], l), RD::lane(d[u], l), !MASKED || m[u].e[l] != 0);
+        dx.store(i + u * kStep, out);
+      }
+  }
+}
+
+// ---- dispatch helpers ------------------------------------------------------------------
+
+template <class F>
+void with_storage(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::f32: f(float{}); break;
+    case DType::f64: f(double{}); break;
+    case DType::f16: f(half_t{}); break;
+    case DType::bf16: f(bfloat16_t{}); break;
+  }
+}
+
+template <class F>
+void with_compute(DType compute, F&& f) {
+  if (compute == DType::f64) f(double{});
+  else f(float{});
+}
+
+template <class T>
+constexpr int full_vec_of() {
+  return int(16 / sizeof(T));
+}
+
+}  // namespace cuda
+}  // namespace distgn
