@@ -13,6 +13,9 @@
 #include "distgn/error.hpp"
 #include "distgn/group_norm.hpp"
 #include "io/npy.hpp"
+#if DISTGN_WITH_CUDA
+#include "cuda/device_memory.hpp"
+#endif
 
 namespace distgn::cli {
 namespace {
@@ -111,8 +114,11 @@ std::vector<std::vector<int>> parse_groups(const std::string& text) {
 }
 
 void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>& comm) {
-  if (options.backend != "cpu")
-    throw Error("--backend " + options.backend + ": this build has only the cpu backend");
+  const bool on_gpu = options.backend == "cuda";
+  if (options.backend != "cpu" && !on_gpu) throw Error("--backend " + options.backend + ": use cpu or cuda");
+#if !DISTGN_WITH_CUDA
+  if (on_gpu) throw Error("--backend cuda: this build of distgn has no CUDA backend (no CUDA compiler was found)");
+#endif
   const bool backward = !options.dy.empty();
   if (backward != !options.dx.empty()) throw Error("--dy and --dx go together");
   if (!backward && (!options.dscale.empty() || !options.dbias.empty()))
@@ -189,7 +195,26 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   y.bytes.resize(size_t(element_count(x.shape) * dtype_size(y.dtype)));
   ForwardState state;
   const MaskView* mask_ptr = options.mask.empty() ? nullptr : &mask;
-  layer.forward(x.view(options.layout), y.view(options.layout), mask_ptr, &state);
+  TensorView x_view = x.view(options.layout), y_view = y.view(options.layout);
+#if DISTGN_WITH_CUDA
+  // --backend cuda: the same calls on device copies, one GPU per rank (round
+  // robin); the mask stays in host memory (the layer copies it over).
+  cuda::DeviceArray x_dev, y_dev, dy_dev, dx_dev;
+  if (on_gpu) {
+    const int devices = cuda::device_count();
+    if (devices == 0) throw Error("--backend cuda: no CUDA device is visible");
+    cuda::set_device(rank % devices);
+    x_dev = cuda::DeviceArray(x.bytes.size());
+    x_dev.upload(x.bytes.data(), x.bytes.size());
+    y_dev = cuda::DeviceArray(y.bytes.size());
+    x_view = {x_dev.data(), x.shape, x.dtype, options.layout, Device::cuda};
+    y_view = {y_dev.data(), y.shape, y.dtype, options.layout, Device::cuda};
+  }
+#endif
+  layer.forward(x_view, y_view, mask_ptr, &state);
+#if DISTGN_WITH_CUDA
+  if (on_gpu) y_dev.download(y.bytes.data(), y.bytes.size());
+#endif
 
   HostArray dx, dscale, dbias;
   if (backward) {
@@ -200,9 +225,21 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
     dbias = {c, config.param_dtype, std::vector<uint8_t>(param_bytes)};
     TensorView dscale_view = dscale.view(Layout::channels_last);
     TensorView dbias_view = dbias.view(Layout::channels_last);
-    layer.backward(x.view(options.layout), dy.view(options.layout), mask_ptr, state,
-                   dx.view(options.layout), config.use_scale ? &dscale_view : nullptr,
+    TensorView dy_view = dy.view(options.layout), dx_view = dx.view(options.layout);
+#if DISTGN_WITH_CUDA
+    if (on_gpu) {
+      dy_dev = cuda::DeviceArray(dy.bytes.size());
+      dy_dev.upload(dy.bytes.data(), dy.bytes.size());
+      dx_dev = cuda::DeviceArray(dx.bytes.size());
+      dy_view = {dy_dev.data(), dy.shape, dy.dtype, options.layout, Device::cuda};
+      dx_view = {dx_dev.data(), dx.shape, dx.dtype, options.layout, Device::cuda};
+    }
+#endif
+    layer.backward(x_view, dy_view, mask_ptr, state, dx_view, config.use_scale ? &dscale_view : nullptr,
                    config.use_bias ? &dbias_view : nullptr, ParamGradReduction::all);
+#if DISTGN_WITH_CUDA
+    if (on_gpu) dx_dev.download(dx.bytes.data(), dx.bytes.size());
+#endif
   }
 
   // Join the shards (collective), then rank 0 writes.

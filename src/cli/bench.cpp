@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
@@ -18,6 +19,9 @@
 #include "core/element.hpp"
 #include "distgn/error.hpp"
 #include "distgn/group_norm.hpp"
+#if DISTGN_WITH_CUDA
+#include "cuda/device_memory.hpp"
+#endif
 
 namespace distgn::cli {
 namespace {
@@ -107,6 +111,7 @@ void add_bench_options(CLI::App& app, BenchOptions& o, std::string& comm_name) {
   app.add_option("--shape", o.shapes, "global shape, e.g. 8,64,64,320 (repeatable, or ';'-separated)");
   app.add_option("--num-groups", o.num_groups, "number of groups (default 32)");
   app.add_option("--dtype", o.dtype, "input dtype f32|f64|f16|bf16 (default f32)");
+  app.add_option("--param-dtype", o.param_dtype, "scale/bias dtype (default f32; the output dtype follows, SPEC §5)");
   app.add_option("--layout", o.layout, "nhwc (default) or nchw");
   app.add_option("--backend", o.backend, "cpu (default) or cuda");
   app.add_option("--threads", o.threads, "OpenMP threads per rank (default: OpenMP's)");
@@ -119,7 +124,22 @@ void add_bench_options(CLI::App& app, BenchOptions& o, std::string& comm_name) {
 }
 
 void run_bench(const BenchOptions& o, const std::shared_ptr<Communicator>& comm) {
-  if (o.backend != "cpu") throw Error("--backend " + o.backend + ": this build has only the cpu backend");
+  const bool on_gpu = o.backend == "cuda";
+  if (o.backend != "cpu" && !on_gpu) throw Error("--backend " + o.backend + ": use cpu or cuda");
+#if DISTGN_WITH_CUDA
+  // One GPU per rank (round robin over the visible ones), one stream.
+  std::unique_ptr<cuda::StreamHandle> stream;
+  std::unique_ptr<cuda::EventTimer> timer;
+  if (on_gpu) {
+    const int devices = cuda::device_count();
+    if (devices == 0) throw Error("--backend cuda: no CUDA device is visible");
+    cuda::set_device(comm->rank() % devices);
+    stream = std::make_unique<cuda::StreamHandle>();
+    timer = std::make_unique<cuda::EventTimer>();
+  }
+#else
+  if (on_gpu) throw Error("--backend cuda: this build of distgn has no CUDA backend (no CUDA compiler was found)");
+#endif
   if (o.iters < 1 || o.warmup < 0) throw Error("--iters must be >= 1 and --warmup >= 0");
   if (o.threads > 0) omp_set_num_threads(o.threads);
   std::vector<Shape> shapes;
@@ -139,6 +159,7 @@ void run_bench(const BenchOptions& o, const std::shared_ptr<Communicator>& comm)
 
   GroupNormConfig config;
   config.num_groups = o.num_groups;
+  config.param_dtype = parse_dtype(o.param_dtype);
   auto counting = std::make_shared<CountingCommunicator>(comm);
   std::vector<double> sync(1);
   auto barrier = [&] { comm->allreduce_sum(sync.data(), 1); };
@@ -152,6 +173,12 @@ void run_bench(const BenchOptions& o, const std::shared_ptr<Communicator>& comm)
     std::printf("distgn bench: %d rank(s), %d thread(s) per rank, %s %s, G=%lld, median of %d\n", ranks,
                 omp_get_max_threads(), dtype_name(dtype).c_str(), layout_name(layout).c_str(),
                 (long long)o.num_groups, o.iters);
+#if DISTGN_WITH_CUDA
+    if (on_gpu)
+      std::printf("backend cuda: %s; times from CUDA events on the layer's stream, copy = device-to-device "
+                  "cudaMemcpyAsync of x; backward computes dscale and dbias on the device\n",
+                  cuda::device_description().c_str());
+#endif
     std::printf("GB/s: model bytes (2 E s forward, 3 E s backward) per rank; comm us: time inside the\n"
                 "forward's collective (waiting for other ranks included); lat us: that collective alone;\n"
                 "coll: collectives per forward/backward call; max err: vs a float64 single-rank run\n");
@@ -182,23 +209,64 @@ void run_bench(const BenchOptions& o, const std::shared_ptr<Communicator>& comm)
     TensorView dyv{const_cast<uint8_t*>(dy.bytes.data()), x.shape, dtype, layout};
     TensorView yv = y.view(layout), dxv = dx.view(layout);
 
-    std::vector<uint8_t> copy_target(x.bytes.size());
+    std::vector<uint8_t> copy_target(on_gpu ? 0 : x.bytes.size());
+    // Seconds f takes: host wall time, or on the GPU the stream's time
+    // between two events around it (the call's own waits included).
+    auto timed_call = [&](auto&& f) -> double {
+#if DISTGN_WITH_CUDA
+      if (on_gpu) {
+        stream->synchronize();
+        timer->start(stream->get());
+        f();
+        return timer->stop_ms(stream->get()) * 1e-3;
+      }
+#endif
+      const auto start = Clock::now();
+      f();
+      return seconds_since(start);
+    };
+    std::function<void()> copy_once = [&] { copy_seconds(x, copy_target); };
+    TensorView dscale_view, dbias_view;
+    const TensorView *dscale_ptr = nullptr, *dbias_ptr = nullptr;
+#if DISTGN_WITH_CUDA
+    // The layer on device copies of everything; backward also makes dscale
+    // and dbias (on the device), as a trainer's would.
+    cuda::DeviceArray x_dev, dy_dev, y_dev, dx_dev, copy_dev, dscale_dev, dbias_dev;
+    if (on_gpu) {
+      x_dev = cuda::DeviceArray(x.bytes.size());
+      dy_dev = cuda::DeviceArray(dy.bytes.size());
+      y_dev = cuda::DeviceArray(y.bytes.size());
+      dx_dev = cuda::DeviceArray(dx.bytes.size());
+      copy_dev = cuda::DeviceArray(x.bytes.size());
+      const size_t param_bytes = size_t(plan.channels * dtype_size(config.param_dtype));
+      dscale_dev = cuda::DeviceArray(param_bytes);
+      dbias_dev = cuda::DeviceArray(param_bytes);
+      x_dev.upload(x.bytes.data(), x.bytes.size());
+      dy_dev.upload(dy.bytes.data(), dy.bytes.size());
+      xv = {x_dev.data(), x.shape, dtype, layout, Device::cuda};
+      dyv = {dy_dev.data(), x.shape, dtype, layout, Device::cuda};
+      yv = {y_dev.data(), x.shape, plan.output_dtype, layout, Device::cuda};
+      dxv = {dx_dev.data(), x.shape, dtype, layout, Device::cuda};
+      dscale_view = {dscale_dev.data(), {plan.channels}, config.param_dtype, Layout::channels_last, Device::cuda};
+      dbias_view = {dbias_dev.data(), {plan.channels}, config.param_dtype, Layout::channels_last, Device::cuda};
+      dscale_ptr = &dscale_view;
+      dbias_ptr = &dbias_view;
+      layer.set_stream(stream->get());
+      copy_once = [&] { cuda::device_copy(copy_dev.data(), x_dev.data(), x.bytes.size(), stream->get()); };
+    }
+#endif
     std::vector<double> copy_t, fwd_t, bwd_t, comm_t;
     int64_t collectives_fwd = 0, collectives_bwd = 0;
     for (int i = 0; i < o.warmup + o.iters; ++i) {
       const bool timed = i >= o.warmup;
       barrier();
-      const double copy = copy_seconds(x, copy_target);
+      const double copy = timed_call(copy_once);
       barrier();
       const auto before = counting->counts();
-      auto start = Clock::now();
-      layer.forward(xv, yv, nullptr, &state);
-      const double fwd = seconds_since(start);
+      const double fwd = timed_call([&] { layer.forward(xv, yv, nullptr, &state); });
       const auto middle = counting->counts();
       barrier();
-      start = Clock::now();
-      layer.backward(xv, dyv, nullptr, state, dxv);
-      const double bwd = seconds_since(start);
+      const double bwd = timed_call([&] { layer.backward(xv, dyv, nullptr, state, dxv, dscale_ptr, dbias_ptr); });
       const auto after = counting->counts();
       if (!timed) continue;
       copy_t.push_back(copy);
@@ -228,6 +296,9 @@ void run_bench(const BenchOptions& o, const std::shared_ptr<Communicator>& comm)
       for (int r = 0; r < ranks; ++r) mine[k] = std::max(mine[k], all[size_t(r) * mine.size() + k]);
     const double copy_s = mine[0], fwd_s = mine[1], bwd_s = mine[2], comm_s = mine[3], latency_s = mine[4];
 
+#if DISTGN_WITH_CUDA
+    if (on_gpu) y_dev.download(y.bytes.data(), y.bytes.size());
+#endif
     double max_err = std::nan("");
     if (o.check) {
       // The same layer on the whole array, in float64, on one rank.
@@ -266,6 +337,7 @@ void run_bench(const BenchOptions& o, const std::shared_ptr<Communicator>& comm)
                           {"dtype", dtype_name(dtype)},
                           {"layout", layout_name(layout)},
                           {"backend", o.backend},
+                          {"param_dtype", o.param_dtype},
                           {"num_groups", o.num_groups},
                           {"shard_axis", o.shard_axis ? nlohmann::json(*o.shard_axis) : nlohmann::json()},
                           {"copy_gbps", copy_gbps},

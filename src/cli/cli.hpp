@@ -71,6 +71,7 @@ struct BenchOptions {
   std::vector<std::string> shapes;  // "8,64,64,320", several or ';'-separated
   int64_t num_groups = 32;
   std::string dtype = "f32";
+  std::string param_dtype = "f32";
   std::string layout = "nhwc";
   std::string backend = "cpu";
   int threads = 0;  // 0 = OpenMP's default

@@ -3,6 +3,9 @@
 
 #include "cli/cli.hpp"
 #include "distgn/error.hpp"
+#if DISTGN_WITH_NCCL
+#include "cuda/device_memory.hpp"
+#endif
 
 namespace distgn::cli {
 namespace {
@@ -32,7 +35,24 @@ std::shared_ptr<Communicator> make_communicator(const std::string& name) {
     throw Error("--comm " + name + ": this build of distgn has no MPI (install libopenmpi-dev and rebuild)");
 #endif
   }
-  if (name == "nccl") throw Error("--comm nccl: this build of distgn has no CUDA/NCCL backend");
+  if (name == "nccl") {
+#if DISTGN_WITH_NCCL && DISTGN_WITH_MPI
+    // NCCL bootstrapped over MPI_COMM_WORLD (mpirun starts the ranks), one
+    // GPU per rank: the rank modulo the visible devices.
+    int initialized = 0;
+    MPI_Initialized(&initialized);
+    if (!initialized) {
+      MPI_Init(nullptr, nullptr);
+      mpi_initialised_here = true;
+    }
+    int rank = 0, devices = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    devices = cuda::device_count();
+    return nccl_communicator_from_mpi(MPI_COMM_WORLD, devices > 0 ? rank % devices : 0);
+#else
+    throw Error("--comm nccl: this build of distgn has no NCCL (it needs CUDA, NCCL and MPI)");
+#endif
+  }
   throw Error("--comm " + name + ": use auto, local, mpi or nccl");
 }
 
