@@ -1,0 +1,188 @@
+// Device tensors over the MPI communicator, under mpiexec with 2 ranks that
+// share GPU 0 (NCCL refuses two ranks on one GPU; Debian's Open MPI is not
+// CUDA-aware, so the per-cell payload travels through host memory): each
+// rank's shard through the CUDA backend must equal the matching part of one
+// process running the CPU backend on the whole input, dscale/dbias the
+// totals, with one collective per call.
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <random>
+
+#include "core/element.hpp"
+#include "cuda/device_memory.hpp"
+#include "distgn/error.hpp"
+#include "distgn/group_norm.hpp"
+
+using namespace distgn;
+
+namespace {
+
+struct Host {
+  Shape shape;
+  DType dtype;
+  std::vector<uint8_t> bytes;
+  TensorView view(Layout layout) { return {bytes.data(), shape, dtype, layout, Device::cpu}; }
+  double at(int64_t i) const { return load_element(dtype, bytes.data(), i); }
+};
+
+Host random_host(const Shape& shape, DType dtype, uint64_t seed, double mean) {
+  Host h{shape, dtype, std::vector<uint8_t>(size_t(element_count(shape) * dtype_size(dtype)))};
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal(mean, 1.0);
+  for (int64_t i = 0; i < element_count(shape); ++i) store_element(dtype, h.bytes.data(), i, normal(rng));
+  return h;
+}
+
+std::pair<int64_t, int64_t> part(int64_t n, int parts, int r) {
+  const int64_t base = n / parts, extra = n % parts;
+  const int64_t begin = r * base + std::min<int64_t>(r, extra);
+  return {begin, begin + base + (r < extra ? 1 : 0)};
+}
+
+// The part of `a` (bytes of `element` size, shape `shape`) along `axis`.
+std::vector<uint8_t> slice(const std::vector<uint8_t>& a, const Shape& shape, int axis, int64_t begin, int64_t end,
+                           int element) {
+  int64_t outer = 1, inner = 1;
+  for (int d = 0; d < axis; ++d) outer *= shape[size_t(d)];
+  for (size_t d = size_t(axis) + 1; d < shape.size(); ++d) inner *= shape[d];
+  const int64_t extent = shape[size_t(axis)];
+  std::vector<uint8_t> out;
+  for (int64_t o = 0; o < outer; ++o)
+    out.insert(out.end(), a.begin() + (o * extent + begin) * inner * element,
+               a.begin() + (o * extent + end) * inner * element);
+  return out;
+}
+
+struct Case {
+  std::string name;
+  Shape shape;
+  Layout layout;
+  DType dtype;
+  int axis;  // shard axis
+  int64_t groups;
+  bool mask = false;
+  bool split_groups = false;  // axis_index_groups {{0}, {1}}: every rank alone
+};
+
+}  // namespace
+
+TEST_CASE("cuda + mpi: sharded device tensors equal the whole input on one process", "[cuda][mpi]") {
+  auto world = mpi_communicator();
+  const int rank = world->rank(), ranks = world->size();
+  cuda::set_device(0);  // every rank on GPU 0
+  const std::vector<Case> cases = {
+      {"nhwc_bf16_unequal_shards", {2, 9, 8, 64}, Layout::channels_last, DType::bf16, 1, 8},
+      {"nchw_f32", {2, 64, 7, 8}, Layout::channels_first, DType::f32, 2, 16},
+      {"nhwc_f32_masked", {2, 6, 4, 32}, Layout::channels_last, DType::f32, 2, 4, true},
+      {"nhwc_f16_alone", {2, 4, 4, 32}, Layout::channels_last, DType::f16, 1, 4, false, true},
+  };
+  for (const Case& c : cases) {
+    DYNAMIC_SECTION(c.name) {
+      GroupNormConfig config;
+      config.num_groups = c.groups;
+      config.param_dtype = DType::f32;
+      const Host x = random_host(c.shape, c.dtype, 1, 2.0), dy = random_host(c.shape, c.dtype, 2, 0.0);
+      std::vector<uint8_t> mask;
+      if (c.mask) {
+        std::mt19937_64 rng(3);
+        mask.resize(size_t(element_count(c.shape)));
+        for (auto& m : mask) m = rng() % 3 != 0;
+      }
+      const auto [begin, end] = part(c.shape[size_t(c.axis)], ranks, rank);
+      Shape local_shape = c.shape;
+      local_shape[size_t(c.axis)] = end - begin;
+      const int xs = dtype_size(c.dtype);
+
+      // Reference: the CPU backend on the whole input (or, with every rank
+      // alone, on this rank's shard).
+      Host ref_x = x, ref_dy = dy;
+      std::vector<uint8_t> ref_mask = mask;
+      if (c.split_groups) {
+        ref_x = {local_shape, c.dtype, slice(x.bytes, c.shape, c.axis, begin, end, xs)};
+        ref_dy = {local_shape, c.dtype, slice(dy.bytes, c.shape, c.axis, begin, end, xs)};
+        if (c.mask) ref_mask = slice(mask, c.shape, c.axis, begin, end, 1);
+      }
+      GroupNorm reference(config);
+      const Plan ref_plan = reference.plan(ref_x.shape, c.layout, c.dtype);
+      Host y_ref{ref_x.shape, ref_plan.output_dtype,
+                 std::vector<uint8_t>(size_t(element_count(ref_x.shape) * dtype_size(ref_plan.output_dtype)))};
+      Host dx_ref{ref_x.shape, c.dtype, std::vector<uint8_t>(ref_x.bytes.size())};
+      std::vector<float> dscale_ref(size_t(ref_plan.channels)), dbias_ref(size_t(ref_plan.channels));
+      MaskView ref_mask_view{ref_mask.data(), ref_x.shape, Device::cpu};
+      ForwardState ref_state;
+      reference.forward(ref_x.view(c.layout), y_ref.view(c.layout), c.mask ? &ref_mask_view : nullptr, &ref_state);
+      TensorView ds_ref{dscale_ref.data(), {ref_plan.channels}, DType::f32};
+      TensorView db_ref{dbias_ref.data(), {ref_plan.channels}, DType::f32};
+      reference.backward(ref_x.view(c.layout), ref_dy.view(c.layout), c.mask ? &ref_mask_view : nullptr, ref_state,
+                         dx_ref.view(c.layout), &ds_ref, &db_ref);
+
+      // This rank's shard on the GPU, over MPI.
+      if (c.split_groups) config.axis_index_groups = std::vector<std::vector<int>>{{0}, {1}};
+      auto counting = std::make_shared<CountingCommunicator>(world);
+      GroupNorm layer(config, counting);
+      const Plan plan = layer.plan(local_shape, c.layout, c.dtype);
+      const std::vector<uint8_t> x_part = slice(x.bytes, c.shape, c.axis, begin, end, xs);
+      const std::vector<uint8_t> dy_part = slice(dy.bytes, c.shape, c.axis, begin, end, xs);
+      const std::vector<uint8_t> mask_part = c.mask ? slice(mask, c.shape, c.axis, begin, end, 1) : mask;
+      cuda::DeviceArray xd(x_part.size() + 16), dyd(dy_part.size() + 16), md(mask_part.size() + 16);
+      cuda::DeviceArray yd(size_t(element_count(local_shape) * dtype_size(plan.output_dtype)) + 16), dxd(x_part.size() + 16);
+      xd.upload(x_part.data(), x_part.size());
+      dyd.upload(dy_part.data(), dy_part.size());
+      md.upload(mask_part.data(), mask_part.size());
+      cuda::StreamHandle stream;
+      layer.set_stream(stream.get());
+      const TensorView xv{xd.data(), local_shape, c.dtype, c.layout, Device::cuda};
+      const TensorView yv{yd.data(), local_shape, plan.output_dtype, c.layout, Device::cuda};
+      const TensorView dyv{dyd.data(), local_shape, c.dtype, c.layout, Device::cuda};
+      const TensorView dxv{dxd.data(), local_shape, c.dtype, c.layout, Device::cuda};
+      const MaskView mv{static_cast<const uint8_t*>(md.data()), local_shape, Device::cuda};
+      std::vector<float> dscale(size_t(plan.channels)), dbias(size_t(plan.channels));
+      TensorView dsv{dscale.data(), {plan.channels}, DType::f32}, dbv{dbias.data(), {plan.channels}, DType::f32};
+      ForwardState state;
+      CountingCommunicator::Counts before{}, middle{}, after{};
+      for (int call = 0; call < 2; ++call) {  // the second call: steady state, one collective each
+        before = counting->counts();
+        layer.forward(xv, yv, c.mask ? &mv : nullptr, &state);
+        middle = counting->counts();
+        layer.backward(xv, dyv, c.mask ? &mv : nullptr, state, dxv, &dsv, &dbv,
+                       c.split_groups ? ParamGradReduction::local : ParamGradReduction::group);
+        after = counting->counts();
+      }
+      stream.synchronize();
+      if (!c.split_groups) {
+        CHECK(middle.collectives - before.collectives == 1);
+        CHECK(after.collectives - middle.collectives == 1);
+      } else {
+        CHECK(after.collectives - before.collectives == 0);
+      }
+      Host y{local_shape, plan.output_dtype, std::vector<uint8_t>(yd.bytes() - 16)};
+      Host dx{local_shape, c.dtype, std::vector<uint8_t>(x_part.size())};
+      yd.download(y.bytes.data(), y.bytes.size());
+      dxd.download(dx.bytes.data(), dx.bytes.size());
+
+      // Compare with the reference's part.
+      const Host y_want{local_shape, y_ref.dtype,
+                        c.split_groups ? y_ref.bytes
+                                       : slice(y_ref.bytes, c.shape, c.axis, begin, end, dtype_size(y_ref.dtype))};
+      const Host dx_want{local_shape, c.dtype,
+                         c.split_groups ? dx_ref.bytes : slice(dx_ref.bytes, c.shape, c.axis, begin, end, xs)};
+      const double half_ulp = dtype_size(c.dtype) == 2 ? (c.dtype == DType::bf16 ? 1.0 / 64 : 1.0 / 512) : 1e-4;
+      double dx_scale = 1;
+      for (int64_t i = 0; i < element_count(local_shape); ++i) dx_scale = std::max(dx_scale, std::fabs(dx_want.at(i)));
+      int64_t bad_y = 0, bad_dx = 0;
+      for (int64_t i = 0; i < element_count(local_shape); ++i) {
+        const double tol_y = 2 * half_ulp * std::max(1.0, std::fabs(y_want.at(i))) + 1e-4;
+        if (!(std::fabs(y.at(i) - y_want.at(i)) <= tol_y)) ++bad_y;
+        if (!(std::fabs(dx.at(i) - dx_want.at(i)) <= 2 * half_ulp * dx_scale + 1e-4 * dx_scale)) ++bad_dx;
+      }
+      INFO("rank " << rank);
+      CHECK(bad_y == 0);
+      CHECK(bad_dx == 0);
+      for (int64_t ch = 0; ch < plan.channels; ++ch) {
+        const double scale = std::max(1.0, std::fabs(double(dscale_ref[size_t(ch)])));
+        CHECK(std::fabs(dscale[size_t(ch)] - dscale_ref[size_t(ch)]) <= 1e-3 * scale);
+        CHECK(std::fabs(dbias[size_t(ch)] - dbias_ref[size_t(ch)]) <= 1e-3 * std::max(1.0, std::fabs(double(dbias_ref[size_t(ch)]))));
+      }
+    }
+  }
+}
