@@ -37,7 +37,12 @@ Blocks blocks_of(const Plan& plan, bool fused) {
   if (!fused || plan.num_cells == 0) return {std::max<int64_t>(plan.num_cells, 1), plan.num_cells};
   const int64_t unit = plan.form == Plan::Form::channel_rows ? plan.cells_per_row : 1;
   const int64_t unit_elements = std::max<int64_t>(1, unit * plan.cell_elements);
-  const int64_t units = std::max<int64_t>(1, kFusedBlockElements / unit_elements);
+  const int64_t max_units = std::max<int64_t>(1, kFusedBlockElements / unit_elements);
+  // Blocks of equal size (16 slabs in blocks of at most 5 are 4 x 4, not
+  // 5, 5, 5, 1), so the last block does not leave cores idle.
+  const int64_t total_units = plan.num_cells / unit;
+  const int64_t count = (total_units + max_units - 1) / max_units;
+  const int64_t units = (total_units + count - 1) / count;
   return {units * unit, plan.num_cells};
 }
 

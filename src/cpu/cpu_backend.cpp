@@ -11,6 +11,7 @@
 
 #include "core/backend.hpp"
 #include "cpu/cpu_backend.hpp"
+#include "cpu/half_rows.hpp"
 
 namespace distgn {
 namespace {
@@ -30,6 +31,58 @@ inline T narrow(C v) {
   if constexpr (std::is_same_v<T, half_t>) return to_half(float(v));
   else if constexpr (std::is_same_v<T, bfloat16_t>) return to_bfloat16(float(v));
   else return T(v);
+}
+
+// float16 rows pass through float scratch converted by the F16C
+// instructions where the target has them (cpu/half_rows.hpp): GCC does not
+// vectorise the portable conversions well inside the kernels' loops (a
+// float16 backward measured 1.6x slower than float32 per element).
+template <class T>
+struct Staged {
+  using type = T;
+};
+#if defined(__F16C__)
+template <>
+struct Staged<half_t> {
+  using type = float;
+};
+#endif
+template <class T>
+using staged_t = typename Staged<T>::type;
+
+// n elements at src as the kernels read them: src itself, or (float16)
+// converted into `buffer`.
+template <class T>
+const staged_t<T>* staged_input(const T* src, int64_t n, float* buffer) {
+  if constexpr (std::is_same_v<staged_t<T>, T>) {
+    (void)n;
+    (void)buffer;
+    return src;
+  } else {
+    widen_row(src, buffer, n);
+    return buffer;
+  }
+}
+
+// Where the kernels write n elements bound for dst: dst itself, or
+// `buffer`, which commit_output then converts into dst.
+template <class T>
+staged_t<T>* staged_output(T* dst, float* buffer) {
+  if constexpr (std::is_same_v<staged_t<T>, T>) {
+    (void)buffer;
+    return dst;
+  } else {
+    return buffer;
+  }
+}
+template <class T>
+void commit_output(const staged_t<T>* staged, T* dst, int64_t n) {
+  if constexpr (!std::is_same_v<staged_t<T>, T>) narrow_row(staged, dst, n);
+  else {
+    (void)staged;
+    (void)dst;
+    (void)n;
+  }
 }
 
 template <class F>
@@ -62,9 +115,13 @@ Chunking chunking(const Plan& plan, CellRange cells) {
   Chunking c;
   if (plan.form == Plan::Form::channel_rows) {
     const int64_t slabs = cells.size() / plan.cells_per_row;
-    c.step = std::clamp<int64_t>(kChunkElements / std::max<int64_t>(plan.row_width, 1), 1,
-                                 std::max<int64_t>(plan.rows, 1));
-    c.per_group = (plan.rows + c.step - 1) / c.step;
+    // Chunks of equal height (3136 rows in chunks of at most 1024 are
+    // 4 x 784), so the threads get equal work.
+    const int64_t rows = std::max<int64_t>(plan.rows, 1);
+    const int64_t max_step = std::clamp<int64_t>(kChunkElements / std::max<int64_t>(plan.row_width, 1), 1, rows);
+    c.per_group = (rows + max_step - 1) / max_step;
+    c.step = (rows + c.per_group - 1) / c.per_group;
+    if (plan.rows == 0) c.per_group = 0;  // an empty shard: no chunks
     c.count = slabs * c.per_group;
   } else {
     const int64_t length = plan.cell_elements;
@@ -87,72 +144,130 @@ double first_valid(const T* x, const uint8_t* mask, int64_t first, int64_t count
   return 0.0;
 }
 
-// sum[j] += sum over rows of (x - shift[j]), sum_sq[j] += the squares, for
-// `rows` rows of `width` columns starting at x (no mask). Narrow rows are
-// taken four per pass over the columns, which amortises the loop and the
-// per-column loads and stores; on wide rows (C = 320) that measured slower
-// than one row at a time.
+// Partial sums run in the block type over a few rows (or a few vectors of
+// a run) and are added to double accumulators once per block: float for
+// data that is not float64 (SPEC §5 asks for at least float32; the shift makes
+// the block's terms small, so the rounding stays far below SPEC §8's bars),
+// which halves the vector work of the reductions against double throughout.
+constexpr int64_t kRowBlock = 8;   // rows summed in the block type
+constexpr int64_t kRunBlock = 256; // contiguous elements summed in the block type
+
+// Rows [0, rows) in blocks of kRowBlock, then one at a time: f(first_row,
+// std::integral_constant<int64_t, n>) so that each block's row loop unrolls.
+template <int64_t kBlock = kRowBlock, class F>
+inline void for_row_blocks(int64_t rows, F&& f) {
+  int64_t r = 0;
+  for (; r + kBlock <= rows; r += kBlock) f(r, std::integral_constant<int64_t, kBlock>{});
+  for (; r < rows; ++r) f(r, std::integral_constant<int64_t, 1>{});
+}
+
+// Elements [0, n) of a run in blocks of kRunBlock: f(first, last).
+template <class F>
+inline void for_run_blocks(int64_t n, F&& f) {
+  for (int64_t e = 0; e < n; e += kRunBlock) f(e, std::min(n, e + kRunBlock));
+}
+
+// Rows up to this wide are summed kRowBlock at a time in registers (the
+// block is one contiguous stretch of memory); wider rows one after another
+// into per-column block sums in memory, which keeps a single stream per
+// array: many concurrent row streams measured slower from DRAM.
 constexpr int64_t kNarrowRow = 128;
 
-template <class T>
-void accumulate_shifted_columns(const T* x, int64_t rows, int64_t width, const double* shift,
-                                double* sum, double* sum_sq) {
-  int64_t r = 0;
-  if (width <= kNarrowRow)
-    for (; r + 4 <= rows; r += 4) {
-      const T* x0 = x + r * width;
-      const T *x1 = x0 + width, *x2 = x1 + width, *x3 = x2 + width;
+// sum[j] += sum over rows of (x - shift[j]), sum_sq[j] += the squares, for
+// `rows` rows of `width` columns starting at x (no mask). block: 3 * width
+// of scratch in A; stage: kRowBlock * width floats.
+template <class A, class T>
+void accumulate_shifted_columns(const T* x, int64_t rows, int64_t width, const double* shift, A* block,
+                                float* stage, double* sum, double* sum_sq) {
+  if (width <= kNarrowRow) {
+    for_row_blocks(rows, [&](int64_t r, auto block_rows) {
+      const auto* xb = staged_input(x + r * width, block_rows * width, stage);
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
-        const double d0 = double(widen(x0[j])) - shift[j], d1 = double(widen(x1[j])) - shift[j];
-        const double d2 = double(widen(x2[j])) - shift[j], d3 = double(widen(x3[j])) - shift[j];
-        sum[j] += (d0 + d1) + (d2 + d3);
-        sum_sq[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+        const A shift_j = A(shift[j]);  // a value of x: exact in A
+        A s = 0, q = 0;
+        for (int64_t i = 0; i < block_rows; ++i) {
+          const A d = A(widen(xb[i * width + j])) - shift_j;
+          s += d;
+          q += d * d;
+        }
+        sum[j] += double(s);
+        sum_sq[j] += double(q);
+      }
+    });
+    return;
+  }
+  A *shift_a = block, *s = block + width, *q = block + 2 * width;
+#pragma omp simd
+  for (int64_t j = 0; j < width; ++j) {
+    shift_a[j] = A(shift[j]);  // a value of x: exact in A
+    s[j] = q[j] = 0;
+  }
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    for (int64_t r = r0; r < std::min(rows, r0 + kRowBlock); ++r) {
+      const auto* xr = staged_input(x + r * width, width, stage);
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) {
+        const A d = A(widen(xr[j])) - shift_a[j];
+        s[j] += d;
+        q[j] += d * d;
       }
     }
-  for (; r < rows; ++r) {
-    const T* row = x + r * width;
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
-      const double d = double(widen(row[j])) - shift[j];
-      sum[j] += d;
-      sum_sq[j] += d * d;
+      sum[j] += double(s[j]);
+      sum_sq[j] += double(q[j]);
+      s[j] = q[j] = 0;
     }
   }
 }
 
 // sum_dy[j] += sum over rows of dy, sum_dy_xhat[j] += sum of dy * xhat with
-// xhat = (x - mean[j]) * rstd[j] in the compute type C; rows blocked as above.
+// xhat = (x - mean[j]) * rstd[j], all in the compute type C; rows as in
+// accumulate_shifted_columns, block: 2 * width of scratch in C, stage:
+// 2 * kRowBlock * width floats.
 template <class T, class D, class C>
 void accumulate_backward_columns(const T* x, const D* dy, int64_t rows, int64_t width, const C* mean,
-                                 const C* rstd, double* sum_dy, double* sum_dy_xhat) {
-  auto term = [&](const T* xr, const D* dyr, int64_t j, double& g) {
-    const C xhat = (C(widen(xr[j])) - mean[j]) * rstd[j];
-    g = double(widen(dyr[j]));
-    return g * double(xhat);
-  };
-  int64_t r = 0;
-  if (width <= kNarrowRow)
-    for (; r + 4 <= rows; r += 4) {
-      const T* x0 = x + r * width;
-      const D* dy0 = dy + r * width;
+                                 const C* rstd, C* block, float* stage, double* sum_dy, double* sum_dy_xhat) {
+  float* dy_stage = stage + kRowBlock * width;
+  if (width <= kNarrowRow) {
+    for_row_blocks(rows, [&](int64_t r, auto block_rows) {
+      const auto* xb = staged_input(x + r * width, block_rows * width, stage);
+      const auto* dyb = staged_input(dy + r * width, block_rows * width, dy_stage);
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
-        double g0, g1, g2, g3;
-        const double p0 = term(x0, dy0, j, g0), p1 = term(x0 + width, dy0 + width, j, g1);
-        const double p2 = term(x0 + 2 * width, dy0 + 2 * width, j, g2);
-        const double p3 = term(x0 + 3 * width, dy0 + 3 * width, j, g3);
-        sum_dy[j] += (g0 + g1) + (g2 + g3);
-        sum_dy_xhat[j] += (p0 + p1) + (p2 + p3);
+        C g_sum = 0, p_sum = 0;
+        for (int64_t i = 0; i < block_rows; ++i) {
+          const C xhat = (C(widen(xb[i * width + j])) - mean[j]) * rstd[j];
+          const C g = C(widen(dyb[i * width + j]));
+          g_sum += g;
+          p_sum += g * xhat;
+        }
+        sum_dy[j] += double(g_sum);
+        sum_dy_xhat[j] += double(p_sum);
+      }
+    });
+    return;
+  }
+  C *g_sum = block, *p_sum = block + width;
+  std::fill(block, block + 2 * width, C(0));
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    for (int64_t r = r0; r < std::min(rows, r0 + kRowBlock); ++r) {
+      const auto* xr = staged_input(x + r * width, width, stage);
+      const auto* dyr = staged_input(dy + r * width, width, dy_stage);
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) {
+        const C xhat = (C(widen(xr[j])) - mean[j]) * rstd[j];
+        const C g = C(widen(dyr[j]));
+        g_sum[j] += g;
+        p_sum[j] += g * xhat;
       }
     }
-  for (; r < rows; ++r) {
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
-      double g;
-      const double p = term(x + r * width, dy + r * width, j, g);
-      sum_dy[j] += g;
-      sum_dy_xhat[j] += p;
+      sum_dy[j] += double(g_sum[j]);
+      sum_dy_xhat[j] += double(p_sum[j]);
+      g_sum[j] = p_sum[j] = 0;
     }
   }
 }
@@ -162,10 +277,17 @@ class CpuBackend final : public Backend {
   void partial_stats(const KernelInputs& in, CellRange cells, CellMoments* moments) override {
     with_storage_type(in.plan->input_dtype, [&](auto tag) {
       using T = decltype(tag);
-      if (in.plan->form == Plan::Form::channel_rows)
-        stats_rows<T>(in, cells, moments);
-      else
-        stats_contiguous<T>(in, cells, moments);
+      // The block sums' type: float unless the data or the statistics are
+      // float64 (then a value of x - shift must not round to float).
+      with_compute_type(in.plan->input_dtype == DType::f64 || in.plan->stats_dtype == DType::f64 ? DType::f64
+                                                                                                : DType::f32,
+                        [&](auto a_tag) {
+        using A = decltype(a_tag);
+        if (in.plan->form == Plan::Form::channel_rows)
+          stats_rows<T, A>(in, cells, moments);
+        else
+          stats_contiguous<T, A>(in, cells, moments);
+      });
     });
   }
 
@@ -235,11 +357,31 @@ class CpuBackend final : public Backend {
     if (buffer.size() < doubles) buffer.resize(doubles);
     return buffer.data();
   }
+  // Per-thread block sums of the wide-row reductions, in their type.
+  template <class A>
+  A* thread_block_sums(size_t count) {
+    auto& all = [this]() -> std::vector<std::vector<A>>& {
+      if constexpr (std::is_same_v<A, float>) return block_f32_;
+      else return block_f64_;
+    }();
+    auto& buffer = all[size_t(omp_get_thread_num())];
+    if (buffer.size() < count) buffer.resize(count);
+    return buffer.data();
+  }
+  // Per-thread float scratch for staged float16 rows (see Staged).
+  float* thread_stage(size_t count) {
+    auto& buffer = stage_[size_t(omp_get_thread_num())];
+    if (buffer.size() < count) buffer.resize(count);
+    return buffer.data();
+  }
   // Sizes the per-thread scratch for the coming parallel region and marks
   // every thread's row coefficients stale (the coefficients change per call).
   void reserve_threads() {
     const size_t threads = size_t(omp_get_max_threads());
     if (scratch_.size() < threads) scratch_.resize(threads);
+    if (block_f32_.size() < threads) block_f32_.resize(threads);
+    if (stage_.size() < threads) stage_.resize(threads);
+    if (block_f64_.size() < threads) block_f64_.resize(threads);
     if (rows_f32_.size() < threads) rows_f32_.resize(threads);
     if (rows_f64_.size() < threads) rows_f64_.resize(threads);
     for (auto& rc : rows_f32_) rc.slab = -1;
@@ -253,7 +395,7 @@ class CpuBackend final : public Backend {
 
   // ---- channel_rows: x is [outer][rows][row_width] -------------------------
 
-  template <class T>
+  template <class T, class A>
   void stats_rows(const KernelInputs& in, CellRange cells, CellMoments* moments) {
     const Plan& p = *in.plan;
     const int64_t width = p.row_width, per_row = p.cells_per_row, S = p.group_size;
@@ -298,7 +440,9 @@ class CpuBackend final : public Backend {
           }
         }
       }
-      if (!in.mask) accumulate_shifted_columns(x + base, r1 - r0, width, shift, sum, sum_sq);
+      if (!in.mask)
+        accumulate_shifted_columns(x + base, r1 - r0, width, shift, thread_block_sums<A>(size_t(3 * width)),
+                                   thread_stage(size_t(kRowBlock * width)), sum, sum_sq);
       for (int64_t q = 0; q < per_row; ++q) {
         double n = 0, s1 = 0, s2 = 0;
         for (int64_t j = q * S; j < (q + 1) * S; ++j) {
@@ -384,13 +528,15 @@ class CpuBackend final : public Backend {
     for_each_row_chunk<C>(p, cells, coef, nullptr, chunking(p, cells),
                           [&](int64_t, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
       const C *mean = rc.mean.data(), *mul = rc.mul.data(), *bias = rc.bias.data();
+      float* stage = thread_stage(size_t(2 * width));
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t at = (slab * p.rows + r) * width;
-        const T* xr = x + at;
-        Y* yr = y + at;
+        const auto* xr = staged_input(x + at, width, stage);
+        auto* yr = staged_output(y + at, stage + width);
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j)
-          yr[j] = narrow<Y>((C(widen(xr[j])) - mean[j]) * mul[j] + bias[j]);
+          yr[j] = narrow<staged_t<Y>>((C(widen(xr[j])) - mean[j]) * mul[j] + bias[j]);
+        commit_output(yr, y + at, width);
       }
     });
   }
@@ -412,8 +558,9 @@ class CpuBackend final : public Backend {
       double *sum_dy = scratch, *sum_dy_xhat = scratch + width;
       std::fill(scratch, scratch + 2 * width, 0.0);
       const int64_t at = (slab * p.rows + r0) * width;
-      accumulate_backward_columns(x + at, dy + at, r1 - r0, width, rc.mean.data(), rc.rstd.data(), sum_dy,
-                                  sum_dy_xhat);
+      accumulate_backward_columns(x + at, dy + at, r1 - r0, width, rc.mean.data(), rc.rstd.data(),
+                                  thread_block_sums<C>(size_t(2 * width)), thread_stage(size_t(2 * kRowBlock * width)),
+                                  sum_dy, sum_dy_xhat);
       double* out = chunk_sums + k * stride;
       std::fill(out, out + stride, 0.0);
       double* channel_dy = out + 2 * per_row;
@@ -452,37 +599,41 @@ class CpuBackend final : public Backend {
                           [&](int64_t, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
       const C *mean = rc.mean.data(), *mul = rc.mul.data();
       const C *centered_coef = rc.centered_coef.data(), *offset = rc.offset.data();
+      float* stage = thread_stage(size_t(3 * width));
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t at = (slab * p.rows + r) * width;
-        const T* xr = x + at;
-        const D* dyr = dy + at;
-        T* dxr = dx + at;
+        const auto* xr = staged_input(x + at, width, stage);
+        const auto* dyr = staged_input(dy + at, width, stage + width);
+        auto* dxr = staged_output(dx + at, stage + 2 * width);
+        using Out = staged_t<T>;
         if (in.mask) {
           const uint8_t* m = in.mask + at;
 #pragma omp simd
           for (int64_t j = 0; j < width; ++j) {
             const C stat_term = m[j] ? (C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j] : C(0);
-            dxr[j] = narrow<T>(C(widen(dyr[j])) * mul[j] + stat_term);
+            dxr[j] = narrow<Out>(C(widen(dyr[j])) * mul[j] + stat_term);
           }
         } else {
 #pragma omp simd
           for (int64_t j = 0; j < width; ++j)
-            dxr[j] = narrow<T>(C(widen(dyr[j])) * mul[j] +
-                               ((C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j]));
+            dxr[j] = narrow<Out>(C(widen(dyr[j])) * mul[j] +
+                                 ((C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j]));
         }
+        commit_output(dxr, dx + at, width);
       }
     });
   }
 
   // ---- contiguous_cells: x is [cells][S][inner] ----------------------------
 
-  template <class T>
+  template <class T, class A>
   void stats_contiguous(const KernelInputs& in, CellRange cells, CellMoments* moments) {
     const Plan& p = *in.plan;
     const int64_t length = p.cell_elements;
     const Chunking ch = chunking(p, cells);
     CellMoments* chunk_moments = chunk_buffer(moments_, size_t(ch.count));
     const T* x = static_cast<const T*>(in.x);
+    reserve_threads();
 #pragma omp parallel for schedule(static)
     for (int64_t k = 0; k < ch.count; ++k) {
       const int64_t cell = cells.begin + k / ch.per_group;
@@ -503,12 +654,20 @@ class CpuBackend final : public Backend {
           count += m[e] ? 1.0 : 0.0;
         }
       } else {
-#pragma omp simd reduction(+ : sum, sum_sq)
-        for (int64_t e = 0; e < n; ++e) {
-          const double d = double(widen(xs[e])) - shift;
-          sum += d;
-          sum_sq += d * d;
-        }
+        const A shift_a = A(shift);  // a value of x: exact in A
+        float* stage = thread_stage(size_t(kRunBlock));
+        for_run_blocks(n, [&](int64_t first, int64_t last) {
+          const auto* xb = staged_input(xs + first, last - first, stage);
+          A s = 0, q = 0;
+#pragma omp simd reduction(+ : s, q)
+          for (int64_t e = 0; e < last - first; ++e) {
+            const A d = A(widen(xb[e])) - shift_a;
+            s += d;
+            q += d * d;
+          }
+          sum += double(s);
+          sum_sq += double(q);
+        });
       }
       chunk_moments[k] = moments_from_shifted_sums(count, shift, sum, sum_sq);
     }
@@ -539,6 +698,7 @@ class CpuBackend final : public Backend {
     const int64_t length = p.cell_elements;
     const Chunking ch = chunking(p, cells);
     const T* x = static_cast<const T*>(in.x);
+    reserve_threads();
 #pragma omp parallel for schedule(static)
     for (int64_t k = 0; k < ch.count; ++k) {
       const int64_t cell = cells.begin + k / ch.per_group;
@@ -548,11 +708,14 @@ class CpuBackend final : public Backend {
       for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
         const C mul = coef.scale ? r * C(coef.scale[c]) : r;
         const C bias = coef.bias ? C(coef.bias[c]) : C(0);
-        const T* xs = x + base + first;
-        Y* ys = y + base + first;
-        const int64_t n = last - first;
+        float* stage = thread_stage(size_t(2 * kRunBlock));
+        for_run_blocks(last - first, [&](int64_t b0, int64_t b1) {
+          const auto* xs = staged_input(x + base + first + b0, b1 - b0, stage);
+          auto* ys = staged_output(y + base + first + b0, stage + kRunBlock);
 #pragma omp simd
-        for (int64_t e = 0; e < n; ++e) ys[e] = narrow<Y>((C(widen(xs[e])) - mean) * mul + bias);
+          for (int64_t e = 0; e < b1 - b0; ++e) ys[e] = narrow<staged_t<Y>>((C(widen(xs[e])) - mean) * mul + bias);
+          commit_output(ys, y + base + first + b0, b1 - b0);
+        });
       });
     }
   }
@@ -568,6 +731,7 @@ class CpuBackend final : public Backend {
     const int64_t stride = 2 + 2 * S;
     double* chunk_sums = chunk_buffer(sums_, size_t(ch.count * stride));
     const T* x = static_cast<const T*>(in.x);
+    reserve_threads();
 #pragma omp parallel for schedule(static)
     for (int64_t k = 0; k < ch.count; ++k) {
       const int64_t cell = cells.begin + k / ch.per_group;
@@ -578,16 +742,21 @@ class CpuBackend final : public Backend {
       std::fill(out, out + stride, 0.0);
       for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
         double sum_dy = 0, sum_dy_xhat = 0;
-        const T* xs = x + base + first;
-        const D* dys = dy + base + first;
-        const int64_t n = last - first;
-#pragma omp simd reduction(+ : sum_dy, sum_dy_xhat)
-        for (int64_t e = 0; e < n; ++e) {
-          const C xhat = (C(widen(xs[e])) - mean) * r;
-          const double g = double(widen(dys[e]));
-          sum_dy += g;
-          sum_dy_xhat += g * double(xhat);
-        }
+        float* stage = thread_stage(size_t(2 * kRunBlock));
+        for_run_blocks(last - first, [&](int64_t b0, int64_t b1) {
+          const auto* xs = staged_input(x + base + first + b0, b1 - b0, stage);
+          const auto* dys = staged_input(dy + base + first + b0, b1 - b0, stage + kRunBlock);
+          C g_sum = 0, p_sum = 0;
+#pragma omp simd reduction(+ : g_sum, p_sum)
+          for (int64_t e = 0; e < b1 - b0; ++e) {
+            const C xhat = (C(widen(xs[e])) - mean) * r;
+            const C g = C(widen(dys[e]));
+            g_sum += g;
+            p_sum += g * xhat;
+          }
+          sum_dy += double(g_sum);
+          sum_dy_xhat += double(p_sum);
+        });
         const double scale = coef.scale ? double(C(coef.scale[c])) : 1.0;
         out[0] += scale * sum_dy;
         out[1] += scale * sum_dy_xhat;
@@ -615,6 +784,7 @@ class CpuBackend final : public Backend {
     const int64_t length = p.cell_elements;
     const Chunking ch = chunking(p, cells);
     const T* x = static_cast<const T*>(in.x);
+    reserve_threads();
 #pragma omp parallel for schedule(static)
     for (int64_t k = 0; k < ch.count; ++k) {
       const int64_t cell = cells.begin + k / ch.per_group;
@@ -624,26 +794,31 @@ class CpuBackend final : public Backend {
       const C a = C(cell_terms[2 * cell]), b = C(cell_terms[2 * cell + 1]);
       for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
         const C scale = coef.scale ? C(coef.scale[c]) : C(1);
-        const T* xs = x + base + first;
-        const D* dys = dy + base + first;
-        T* dxs = dx + base + first;
-        const int64_t n = last - first;
-        if (in.mask) {
-          const uint8_t* m = in.mask + base + first;
+        float* stage = thread_stage(size_t(3 * kRunBlock));
+        using Out = staged_t<T>;
+        for_run_blocks(last - first, [&](int64_t b0, int64_t b1) {
+          const int64_t at = base + first + b0, n = b1 - b0;
+          const auto* xs = staged_input(x + at, n, stage);
+          const auto* dys = staged_input(dy + at, n, stage + kRunBlock);
+          auto* dxs = staged_output(dx + at, stage + 2 * kRunBlock);
+          if (in.mask) {
+            const uint8_t* m = in.mask + at;
 #pragma omp simd
-          for (int64_t e = 0; e < n; ++e) {
-            const C xhat = (C(widen(xs[e])) - mean) * r;
-            const C g = C(widen(dys[e])) * scale;
-            dxs[e] = narrow<T>(r * (g - (m[e] ? a + xhat * b : C(0))));
-          }
-        } else {
+            for (int64_t e = 0; e < n; ++e) {
+              const C xhat = (C(widen(xs[e])) - mean) * r;
+              const C g = C(widen(dys[e])) * scale;
+              dxs[e] = narrow<Out>(r * (g - (m[e] ? a + xhat * b : C(0))));
+            }
+          } else {
 #pragma omp simd
-          for (int64_t e = 0; e < n; ++e) {
-            const C xhat = (C(widen(xs[e])) - mean) * r;
-            const C g = C(widen(dys[e])) * scale;
-            dxs[e] = narrow<T>(r * (g - (a + xhat * b)));
+            for (int64_t e = 0; e < n; ++e) {
+              const C xhat = (C(widen(xs[e])) - mean) * r;
+              const C g = C(widen(dys[e])) * scale;
+              dxs[e] = narrow<Out>(r * (g - (a + xhat * b)));
+            }
           }
-        }
+          commit_output(dxs, dx + at, n);
+        });
       });
     }
   }
@@ -655,6 +830,9 @@ class CpuBackend final : public Backend {
   }
 
   std::vector<std::vector<double>> scratch_;
+  std::vector<std::vector<float>> block_f32_;
+  std::vector<std::vector<float>> stage_;
+  std::vector<std::vector<double>> block_f64_;
   std::vector<RowCoefficients<float>> rows_f32_;
   std::vector<RowCoefficients<double>> rows_f64_;
   std::vector<CellMoments> moments_;
