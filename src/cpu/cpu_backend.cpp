@@ -167,11 +167,12 @@ inline void for_run_blocks(int64_t n, F&& f) {
   for (int64_t e = 0; e < n; e += kRunBlock) f(e, std::min(n, e + kRunBlock));
 }
 
-// Rows up to this wide are summed kRowBlock at a time in registers (the
-// block is one contiguous stretch of memory); wider rows one after another
-// into per-column block sums in memory, which keeps a single stream per
-// array: many concurrent row streams measured slower from DRAM.
+// The statistics sum rows up to this wide kRowBlock at a time in registers
+// (the block is one contiguous stretch of memory); wider rows one after
+// another into per-column block sums in memory, which keeps a single stream
+// per array: many concurrent row streams measured slower from DRAM.
 constexpr int64_t kNarrowRow = 128;
+constexpr int64_t kPrefetchBlocks = 4;
 
 // sum[j] += sum over rows of (x - shift[j]), sum_sq[j] += the squares, for
 // `rows` rows of `width` columns starting at x (no mask). block: 3 * width
@@ -181,6 +182,10 @@ void accumulate_shifted_columns(const T* x, int64_t rows, int64_t width, const d
                                 float* stage, double* sum, double* sum_sq) {
   if (width <= kNarrowRow) {
     for_row_blocks(rows, [&](int64_t r, auto block_rows) {
+      // The hardware prefetchers lag on this pattern (a few rows read side
+      // by side); ask for the block kPrefetchBlocks ahead.
+      const char* ahead = reinterpret_cast<const char*>(x + (r + kPrefetchBlocks * kRowBlock) * width);
+      for (int64_t b = 0; b < int64_t(block_rows * width * sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
       const auto* xb = staged_input(x + r * width, block_rows * width, stage);
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
@@ -223,32 +228,14 @@ void accumulate_shifted_columns(const T* x, int64_t rows, int64_t width, const d
 }
 
 // sum_dy[j] += sum over rows of dy, sum_dy_xhat[j] += sum of dy * xhat with
-// xhat = (x - mean[j]) * rstd[j], all in the compute type C; rows as in
-// accumulate_shifted_columns, block: 2 * width of scratch in C, stage:
-// 2 * kRowBlock * width floats.
+// xhat = (x - mean[j]) * rstd[j], all in the compute type C, row by row into
+// per-column block sums whatever the width (with two input streams, the
+// register blocks of accumulate_shifted_columns measured slower even on
+// narrow rows). block: 2 * width of scratch in C, stage: 2 * width floats.
 template <class T, class D, class C>
 void accumulate_backward_columns(const T* x, const D* dy, int64_t rows, int64_t width, const C* mean,
                                  const C* rstd, C* block, float* stage, double* sum_dy, double* sum_dy_xhat) {
-  float* dy_stage = stage + kRowBlock * width;
-  if (width <= kNarrowRow) {
-    for_row_blocks(rows, [&](int64_t r, auto block_rows) {
-      const auto* xb = staged_input(x + r * width, block_rows * width, stage);
-      const auto* dyb = staged_input(dy + r * width, block_rows * width, dy_stage);
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) {
-        C g_sum = 0, p_sum = 0;
-        for (int64_t i = 0; i < block_rows; ++i) {
-          const C xhat = (C(widen(xb[i * width + j])) - mean[j]) * rstd[j];
-          const C g = C(widen(dyb[i * width + j]));
-          g_sum += g;
-          p_sum += g * xhat;
-        }
-        sum_dy[j] += double(g_sum);
-        sum_dy_xhat[j] += double(p_sum);
-      }
-    });
-    return;
-  }
+  float* dy_stage = stage + width;
   C *g_sum = block, *p_sum = block + width;
   std::fill(block, block + 2 * width, C(0));
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
@@ -559,8 +546,8 @@ class CpuBackend final : public Backend {
       std::fill(scratch, scratch + 2 * width, 0.0);
       const int64_t at = (slab * p.rows + r0) * width;
       accumulate_backward_columns(x + at, dy + at, r1 - r0, width, rc.mean.data(), rc.rstd.data(),
-                                  thread_block_sums<C>(size_t(2 * width)), thread_stage(size_t(2 * kRowBlock * width)),
-                                  sum_dy, sum_dy_xhat);
+                                  thread_block_sums<C>(size_t(2 * width)), thread_stage(size_t(2 * width)), sum_dy,
+                                  sum_dy_xhat);
       double* out = chunk_sums + k * stride;
       std::fill(out, out + stride, 0.0);
       double* channel_dy = out + 2 * per_row;
