@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "core/backend.hpp"
@@ -159,6 +160,59 @@ inline void for_row_blocks(int64_t rows, F&& f) {
   int64_t r = 0;
   for (; r + kBlock <= rows; r += kBlock) f(r, std::integral_constant<int64_t, kBlock>{});
   for (; r < rows; ++r) f(r, std::integral_constant<int64_t, 1>{});
+}
+
+// Sums over a run in 64-byte lane vectors (GCC vector extensions: one
+// AVX-512 register or two AVX2 ones) added up by halving shuffles at the
+// end. GCC's `omp simd reduction` ends instead in a serial chain of scalar
+// adds through the stack, which took 40% of the time on 256-element runs.
+typedef float FloatLanes __attribute__((vector_size(64)));
+typedef double DoubleLanes __attribute__((vector_size(64)));
+template <class A>
+using Lanes = std::conditional_t<std::is_same_v<A, float>, FloatLanes, DoubleLanes>;
+
+inline float lane_total(FloatLanes v) {
+  typedef float Half __attribute__((vector_size(32)));
+  typedef float Quarter __attribute__((vector_size(16)));
+  const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+inline double lane_total(DoubleLanes v) {
+  typedef double Half __attribute__((vector_size(32)));
+  const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return (h[0] + h[2]) + (h[1] + h[3]);
+}
+
+// (sum of first, sum of second) of pair_at(e) = {first, second} over
+// e in [0, n).
+template <class A, class F>
+inline std::pair<A, A> sum_pairs(int64_t n, F&& pair_at) {
+  constexpr int kLanes = int(64 / sizeof(A));
+  Lanes<A> first = {}, second = {};
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes) {
+    alignas(64) A a[kLanes], b[kLanes];
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      const std::pair<A, A> p = pair_at(e + l);
+      a[l] = p.first;
+      b[l] = p.second;
+    }
+    Lanes<A> va, vb;
+    std::memcpy(&va, a, sizeof va);
+    std::memcpy(&vb, b, sizeof vb);
+    first += va;
+    second += vb;
+  }
+  A total_first = lane_total(first), total_second = lane_total(second);
+  for (; e < n; ++e) {
+    const std::pair<A, A> p = pair_at(e);
+    total_first += p.first;
+    total_second += p.second;
+  }
+  return {total_first, total_second};
 }
 
 // Elements [0, n) of a run in blocks of kRunBlock: f(first, last).
@@ -645,13 +699,10 @@ class CpuBackend final : public Backend {
         float* stage = thread_stage(size_t(kRunBlock));
         for_run_blocks(n, [&](int64_t first, int64_t last) {
           const auto* xb = staged_input(xs + first, last - first, stage);
-          A s = 0, q = 0;
-#pragma omp simd reduction(+ : s, q)
-          for (int64_t e = 0; e < last - first; ++e) {
+          const auto [s, q] = sum_pairs<A>(last - first, [&](int64_t e) {
             const A d = A(widen(xb[e])) - shift_a;
-            s += d;
-            q += d * d;
-          }
+            return std::pair<A, A>(d, d * d);
+          });
           sum += double(s);
           sum_sq += double(q);
         });
@@ -733,14 +784,10 @@ class CpuBackend final : public Backend {
         for_run_blocks(last - first, [&](int64_t b0, int64_t b1) {
           const auto* xs = staged_input(x + base + first + b0, b1 - b0, stage);
           const auto* dys = staged_input(dy + base + first + b0, b1 - b0, stage + kRunBlock);
-          C g_sum = 0, p_sum = 0;
-#pragma omp simd reduction(+ : g_sum, p_sum)
-          for (int64_t e = 0; e < b1 - b0; ++e) {
-            const C xhat = (C(widen(xs[e])) - mean) * r;
+          const auto [g_sum, p_sum] = sum_pairs<C>(b1 - b0, [&](int64_t e) {
             const C g = C(widen(dys[e]));
-            g_sum += g;
-            p_sum += g * xhat;
-          }
+            return std::pair<C, C>(g, g * ((C(widen(xs[e])) - mean) * r));
+          });
           sum_dy += double(g_sum);
           sum_dy_xhat += double(p_sum);
         });

@@ -837,10 +837,11 @@ TEST_CASE("group norm: NHWC and NCHW layouts agree", "[group_norm][layout]") {
     Array x_last(nhwc, DType::f32, kLast, xv), x_first(nchw, DType::f32, kFirst, xt);
     const Forward f_last = run_forward(last, x_last);
     const Forward f_first = run_forward(first, x_first);
-    // Both layouts sum in float over blocks, in different orders: a few float ulp apart.
-    check_close(transpose(f_last.y.values(), nhwc, to_nchw), f_first.y.values(), 1e-6, 1e-6, "y");
+    // Both layouts sum in float over blocks of at most 256 elements, in
+    // different orders: within SPEC §8's 1e-5 relative of each other.
+    check_close(transpose(f_last.y.values(), nhwc, to_nchw), f_first.y.values(), 1e-5, 1e-5, "y");
     check_close(f_last.state.mean, f_first.state.mean, 1e-6, 0, "mean");
-    check_close(f_last.state.rstd, f_first.state.rstd, 0, 1e-6, "rstd");
+    check_close(f_last.state.rstd, f_first.state.rstd, 0, 1e-5, "rstd");
 
     const std::vector<double> dyv = random_values(x_last.size(), 72, 0, 1, DType::f32);
     Array dy_last(nhwc, DType::f32, kLast, dyv);
