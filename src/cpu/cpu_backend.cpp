@@ -51,6 +51,20 @@ struct Staged<half_t> {
 template <class T>
 using staged_t = typename Staged<T>::type;
 
+// Rows staged per conversion when T or D is staged: a few narrow rows
+// together (one call per 64-wide row measured its own overhead), wide rows
+// one at a time (so the staged rows stay in L1). 1 when nothing is staged.
+constexpr int64_t kStageElements = 512;
+template <class T, class D = T>
+inline int64_t stage_rows_of(int64_t width) {
+  if constexpr (std::is_same_v<staged_t<T>, T> && std::is_same_v<staged_t<D>, D>) {
+    (void)width;
+    return 1;
+  } else {
+    return std::max<int64_t>(1, kStageElements / std::max<int64_t>(width, 1));
+  }
+}
+
 // n elements at src as the kernels read them: src itself, or (float16)
 // converted into `buffer`.
 template <class T>
@@ -285,17 +299,24 @@ void accumulate_shifted_columns(const T* x, int64_t rows, int64_t width, const d
 // xhat = (x - mean[j]) * rstd[j], all in the compute type C, row by row into
 // per-column block sums whatever the width (with two input streams, the
 // register blocks of accumulate_shifted_columns measured slower even on
-// narrow rows). block: 2 * width of scratch in C, stage: 2 * width floats.
+// narrow rows). block: 2 * width of scratch in C, stage: 2 * stage_rows_of(width)
+// * width floats.
 template <class T, class D, class C>
 void accumulate_backward_columns(const T* x, const D* dy, int64_t rows, int64_t width, const C* mean,
                                  const C* rstd, C* block, float* stage, double* sum_dy, double* sum_dy_xhat) {
-  float* dy_stage = stage + width;
+  const int64_t stage_rows = stage_rows_of<T, D>(width);
+  float* dy_stage = stage + stage_rows * width;
   C *g_sum = block, *p_sum = block + width;
   std::fill(block, block + 2 * width, C(0));
+  const staged_t<T>* xr = nullptr;
+  const staged_t<D>* dyr = nullptr;
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-    for (int64_t r = r0; r < std::min(rows, r0 + kRowBlock); ++r) {
-      const auto* xr = staged_input(x + r * width, width, stage);
-      const auto* dyr = staged_input(dy + r * width, width, dy_stage);
+    for (int64_t r = r0; r < std::min(rows, r0 + kRowBlock); ++r, xr += width, dyr += width) {
+      if ((r - r0) % stage_rows == 0) {
+        const int64_t n = std::min({stage_rows, rows - r, r0 + kRowBlock - r}) * width;
+        xr = staged_input(x + r * width, n, stage);
+        dyr = staged_input(dy + r * width, n, dy_stage);
+      }
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
         const C xhat = (C(widen(xr[j])) - mean[j]) * rstd[j];
@@ -600,8 +621,8 @@ class CpuBackend final : public Backend {
       std::fill(scratch, scratch + 2 * width, 0.0);
       const int64_t at = (slab * p.rows + r0) * width;
       accumulate_backward_columns(x + at, dy + at, r1 - r0, width, rc.mean.data(), rc.rstd.data(),
-                                  thread_block_sums<C>(size_t(2 * width)), thread_stage(size_t(2 * width)), sum_dy,
-                                  sum_dy_xhat);
+                                  thread_block_sums<C>(size_t(2 * width)), thread_stage(size_t(2 * stage_rows_of<T, D>(width) * width)),
+                                  sum_dy, sum_dy_xhat);
       double* out = chunk_sums + k * stride;
       std::fill(out, out + stride, 0.0);
       double* channel_dy = out + 2 * per_row;
@@ -640,15 +661,20 @@ class CpuBackend final : public Backend {
                           [&](int64_t, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
       const C *mean = rc.mean.data(), *mul = rc.mul.data();
       const C *centered_coef = rc.centered_coef.data(), *offset = rc.offset.data();
-      float* stage = thread_stage(size_t(3 * width));
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t at = (slab * p.rows + r) * width;
-        const auto* xr = staged_input(x + at, width, stage);
-        const auto* dyr = staged_input(dy + at, width, stage + width);
-        auto* dxr = staged_output(dx + at, stage + 2 * width);
+      const int64_t stage_rows = stage_rows_of<T, D>(width), block = stage_rows * width;
+      float* stage = thread_stage(size_t(3 * block));
+      for (int64_t rb = r0; rb < r1; rb += stage_rows) {
+        const int64_t block_at = (slab * p.rows + rb) * width, n = std::min(stage_rows, r1 - rb) * width;
+        const auto* xb = staged_input(x + block_at, n, stage);
+        const auto* dyb = staged_input(dy + block_at, n, stage + block);
+        auto* dxb = staged_output(dx + block_at, stage + 2 * block);
         using Out = staged_t<T>;
+        for (int64_t row = 0; row < n; row += width) {
+        const auto* xr = xb + row;
+        const auto* dyr = dyb + row;
+        auto* dxr = dxb + row;
         if (in.mask) {
-          const uint8_t* m = in.mask + at;
+          const uint8_t* m = in.mask + block_at + row;
 #pragma omp simd
           for (int64_t j = 0; j < width; ++j) {
             const C stat_term = m[j] ? (C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j] : C(0);
@@ -660,7 +686,8 @@ class CpuBackend final : public Backend {
             dxr[j] = narrow<Out>(C(widen(dyr[j])) * mul[j] +
                                  ((C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j]));
         }
-        commit_output(dxr, dx + at, width);
+        }
+        commit_output(dxb, dx + block_at, n);
       }
     });
   }
