@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/backend.hpp"
+#include "core/dtype_dispatch.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "cpu/half_rows.hpp"
 
@@ -98,22 +99,6 @@ void commit_output(const staged_t<T>* staged, T* dst, int64_t n) {
     (void)dst;
     (void)n;
   }
-}
-
-template <class F>
-void with_storage_type(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::f32: f(float{}); break;
-    case DType::f64: f(double{}); break;
-    case DType::f16: f(half_t{}); break;
-    case DType::bf16: f(bfloat16_t{}); break;
-  }
-}
-
-template <class F>
-void with_compute_type(DType dtype, F&& f) {
-  if (dtype == DType::f64) f(double{});
-  else f(float{});
 }
 
 // How a cell range is cut into chunks.

@@ -23,13 +23,13 @@ constexpr bool typed_backward() {
 template <class F>
 void with_backward_types(const BackwardInputs& in, int vec, const char* what, F&& f) {
   if (vec == 1) {
-    with_compute(in.compute, [&](auto c) { f(AnyDType{}, AnyDType{}, c); });
+    with_compute_type(in.compute, [&](auto c) { f(AnyDType{}, AnyDType{}, c); });
     return;
   }
   bool launched = false;
-  with_storage(in.x_dtype, [&](auto t) {
-    with_storage(in.dy_dtype, [&](auto d) {
-      with_compute(in.compute, [&](auto c) {
+  with_storage_type(in.x_dtype, [&](auto t) {
+    with_storage_type(in.dy_dtype, [&](auto d) {
+      with_compute_type(in.compute, [&](auto c) {
         using T = decltype(t);
         using D = decltype(d);
         using C = decltype(c);

@@ -17,6 +17,7 @@
 //    the reduction read last (still in L2) is read first.
 #pragma once
 
+#include "core/dtype_dispatch.hpp"
 #include "cuda/device_common.cuh"
 
 namespace distgn {
@@ -679,22 +680,6 @@ __global__ void __launch_bounds__(kItemWarps * kWarp)
 }
 
 // ---- dispatch helpers ------------------------------------------------------------------
-
-template <class F>
-void with_storage(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::f32: f(float{}); break;
-    case DType::f64: f(double{}); break;
-    case DType::f16: f(half_t{}); break;
-    case DType::bf16: f(bfloat16_t{}); break;
-  }
-}
-
-template <class F>
-void with_compute(DType compute, F&& f) {
-  if (compute == DType::f64) f(double{});
-  else f(float{});
-}
 
 template <class T>
 constexpr int full_vec_of() {

@@ -19,13 +19,13 @@ constexpr bool typed_normalize() {
 template <class F>
 void with_normalize_types(DType x, DType y, DType compute, int vec, F&& f) {
   if (vec == 1) {
-    with_compute(compute, [&](auto c) { f(AnyDType{}, AnyDType{}, c); });
+    with_compute_type(compute, [&](auto c) { f(AnyDType{}, AnyDType{}, c); });
     return;
   }
   bool launched = false;
-  with_storage(x, [&](auto t) {
-    with_storage(y, [&](auto u) {
-      with_compute(compute, [&](auto c) {
+  with_storage_type(x, [&](auto t) {
+    with_storage_type(y, [&](auto u) {
+      with_compute_type(compute, [&](auto c) {
         using T = decltype(t);
         using Y = decltype(u);
         using C = decltype(c);

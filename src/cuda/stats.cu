@@ -40,7 +40,7 @@ void bad_vec(int vec, DType dtype) {
 
 void rows_stats(Stream stream, const RowsStatsArgs& a) {
   if (a.g.vec == 1) return launch_rows_stats(stream, Reader<AnyDType, 1>{a.x, a.x_dtype}, a);
-  with_storage(a.x_dtype, [&](auto tag) {
+  with_storage_type(a.x_dtype, [&](auto tag) {
     using T = decltype(tag);
     if (a.g.vec != full_vec_of<T>()) bad_vec(a.g.vec, a.x_dtype);
     launch_rows_stats(stream, Reader<T, full_vec_of<T>()>{static_cast<const T*>(a.x)}, a);
@@ -49,7 +49,7 @@ void rows_stats(Stream stream, const RowsStatsArgs& a) {
 
 void cells_stats(Stream stream, const CellsStatsArgs& a) {
   if (a.g.vec == 1) return launch_cells_stats(stream, Reader<AnyDType, 1>{a.x, a.x_dtype}, a);
-  with_storage(a.x_dtype, [&](auto tag) {
+  with_storage_type(a.x_dtype, [&](auto tag) {
     using T = decltype(tag);
     if (a.g.vec != full_vec_of<T>()) bad_vec(a.g.vec, a.x_dtype);
     launch_cells_stats(stream, Reader<T, full_vec_of<T>()>{static_cast<const T*>(a.x)}, a);
