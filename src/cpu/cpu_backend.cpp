@@ -1,6 +1,7 @@
 // The CPU backend: OpenMP over fixed-size chunks of a cell range, so results
-// do not depend on the thread count. Partial sums accumulate in double; the
-// elementwise arithmetic runs in the plan's compute dtype (SPEC §6, §9).
+// do not depend on the thread count. Partial sums run in float over small
+// blocks and accumulate in double (see kRowBlock); the elementwise
+// arithmetic runs in the plan's compute dtype (SPEC §6, §9).
 #include <omp.h>
 
 #include <algorithm>
