@@ -150,8 +150,9 @@ double first_valid(const T* x, const uint8_t* mask, int64_t first, int64_t count
 // data that is not float64 (SPEC §5 asks for at least float32; the shift makes
 // the block's terms small, so the rounding stays far below SPEC §8's bars),
 // which halves the vector work of the reductions against double throughout.
-constexpr int64_t kRowBlock = 8;   // rows summed in the block type
-constexpr int64_t kRunBlock = 256; // contiguous elements summed in the block type
+constexpr int64_t kRowBlock = 8;    // rows summed in registers (narrow rows)
+constexpr int64_t kFlushRows = 32;  // rows summed in per-column block sums (wide rows, backward)
+constexpr int64_t kRunBlock = 256;  // contiguous elements summed in the block type
 
 // Rows [0, rows) in blocks of kRowBlock, then one at a time: f(first_row,
 // std::integral_constant<int64_t, n>) so that each block's row loop unrolls.
@@ -262,8 +263,8 @@ void accumulate_shifted_columns(const T* x, int64_t rows, int64_t width, const d
     shift_a[j] = A(shift[j]);  // a value of x: exact in A
     s[j] = q[j] = 0;
   }
-  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-    for (int64_t r = r0; r < std::min(rows, r0 + kRowBlock); ++r) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kFlushRows) {
+    for (int64_t r = r0; r < std::min(rows, r0 + kFlushRows); ++r) {
       const auto* xr = staged_input(x + r * width, width, stage);
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
@@ -296,10 +297,10 @@ void accumulate_backward_columns(const T* x, const D* dy, int64_t rows, int64_t 
   std::fill(block, block + 2 * width, C(0));
   const staged_t<T>* xr = nullptr;
   const staged_t<D>* dyr = nullptr;
-  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-    for (int64_t r = r0; r < std::min(rows, r0 + kRowBlock); ++r, xr += width, dyr += width) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kFlushRows) {
+    for (int64_t r = r0; r < std::min(rows, r0 + kFlushRows); ++r, xr += width, dyr += width) {
       if ((r - r0) % stage_rows == 0) {
-        const int64_t n = std::min({stage_rows, rows - r, r0 + kRowBlock - r}) * width;
+        const int64_t n = std::min({stage_rows, rows - r, r0 + kFlushRows - r}) * width;
         xr = staged_input(x + r * width, n, stage);
         dyr = staged_input(dy + r * width, n, dy_stage);
       }
