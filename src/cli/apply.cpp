@@ -201,9 +201,7 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   // robin); the mask stays in host memory (the layer copies it over).
   cuda::DeviceArray x_dev, y_dev, dy_dev, dx_dev;
   if (on_gpu) {
-    const int devices = cuda::device_count();
-    if (devices == 0) throw Error("--backend cuda: no CUDA device is visible");
-    cuda::set_device(rank % devices);
+    cuda::use_device_of_rank(rank);
     x_dev = cuda::DeviceArray(x.bytes.size());
     x_dev.upload(x.bytes.data(), x.bytes.size());
     y_dev = cuda::DeviceArray(y.bytes.size());

@@ -131,9 +131,7 @@ void run_bench(const BenchOptions& o, const std::shared_ptr<Communicator>& comm)
   std::unique_ptr<cuda::StreamHandle> stream;
   std::unique_ptr<cuda::EventTimer> timer;
   if (on_gpu) {
-    const int devices = cuda::device_count();
-    if (devices == 0) throw Error("--backend cuda: no CUDA device is visible");
-    cuda::set_device(comm->rank() % devices);
+    cuda::use_device_of_rank(comm->rank());
     stream = std::make_unique<cuda::StreamHandle>();
     timer = std::make_unique<cuda::EventTimer>();
   }

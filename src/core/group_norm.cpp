@@ -9,6 +9,7 @@
 
 #include "core/backend.hpp"
 #include "core/element.hpp"
+#include "core/equal_parts.hpp"
 #include "core/group_exchange.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "distgn/error.hpp"
@@ -38,12 +39,7 @@ Blocks blocks_of(const Plan& plan, bool fused) {
   const int64_t unit = plan.form == Plan::Form::channel_rows ? plan.cells_per_row : 1;
   const int64_t unit_elements = std::max<int64_t>(1, unit * plan.cell_elements);
   const int64_t max_units = std::max<int64_t>(1, kFusedBlockElements / unit_elements);
-  // Blocks of equal size (16 slabs in blocks of at most 5 are 4 x 4, not
-  // 5, 5, 5, 1), so the last block does not leave cores idle.
-  const int64_t total_units = plan.num_cells / unit;
-  const int64_t count = (total_units + max_units - 1) / max_units;
-  const int64_t units = (total_units + count - 1) / count;
-  return {units * unit, plan.num_cells};
+  return {equal_parts(plan.num_cells / unit, max_units).size * unit, plan.num_cells};
 }
 
 // What the ranks of a group must agree on: everything but reduced extents.
@@ -108,6 +104,17 @@ void broadcast_mask(const Plan& plan, const MaskView& mask, std::vector<uint8_t>
       if (++index[d] < x[d]) break;
       index[d] = 0;
     }
+  }
+}
+
+// dbias[c] = channel_sums[c], dscale[c] = channel_sums[C + c], for those of
+// the two that are given and in host memory (a device one is written by its backend).
+void store_host_param_grads(const TensorView* dscale, const TensorView* dbias, const double* channel_sums,
+                            int64_t channels) {
+  for (int64_t c = 0; c < channels; ++c) {
+    if (dbias && dbias->device == Device::cpu) store_element(dbias->dtype, dbias->data, c, channel_sums[c]);
+    if (dscale && dscale->device == Device::cpu)
+      store_element(dscale->dtype, dscale->data, c, channel_sums[channels + c]);
   }
 }
 
@@ -368,12 +375,14 @@ void GroupNorm::forward(const TensorView& x, const TensorView& y, const MaskView
   input.signature = ws.signature;  // a view: no copy per call
   input.num_cells = plan.num_cells;
   if (!channels_ && (config_.use_scale || config_.use_bias)) init_parameters(plan.channels);
+  load_parameters(ws.scale, ws.bias);
+  const double* scale = config_.use_scale ? ws.scale.data() : nullptr;
+  const double* bias = config_.use_bias ? ws.bias.data() : nullptr;
 
 #if DISTGN_WITH_CUDA
   if (x.device == Device::cuda) {
     // The same flow on the device (src/cuda/cuda_backend.hpp): with one rank
     // nothing comes back to the host; with several the moments do, once.
-    load_parameters(ws.scale, ws.bias);
     CudaForwardCall call;
     call.plan = &plan;
     call.x = x.data;
@@ -381,8 +390,8 @@ void GroupNorm::forward(const TensorView& x, const TensorView& y, const MaskView
     call.y = y.data;
     call.epsilon = config_.epsilon;
     call.fast_variance = config_.use_fast_variance;
-    call.scale = config_.use_scale ? ws.scale.data() : nullptr;
-    call.bias = config_.use_bias ? ws.bias.data() : nullptr;
+    call.scale = scale;
+    call.bias = bias;
     if (distributed) call.merge = [&](std::vector<CellMoments>& moments) { ws.exchange->merge(input, moments); };
     state.plan = plan;
     ws.cuda_backend(stream_).forward(call, state, state.device);
@@ -395,18 +404,15 @@ void GroupNorm::forward(const TensorView& x, const TensorView& y, const MaskView
   const KernelInputs in = ws.inputs(plan, x, mask);
   void* out = ws.output(plan, y.data, plan.output_dtype);
 
-  // Parameters and per-cell state.
+  // Per-cell state.
   const int64_t cells = plan.num_cells;
-  load_parameters(ws.scale, ws.bias);
   state.plan = plan;  // reuses the vectors' storage
   state.mean.resize(size_t(cells));
   state.rstd.resize(size_t(cells));
   state.count.resize(size_t(cells));
   state.variance_clamped.resize(size_t(cells));
   ws.moments.resize(size_t(cells));
-  const Coefficients coef{plan.compute_dtype, state.mean.data(), state.rstd.data(),
-                          config_.use_scale ? ws.scale.data() : nullptr,
-                          config_.use_bias ? ws.bias.data() : nullptr};
+  const Coefficients coef{plan.compute_dtype, state.mean.data(), state.rstd.data(), scale, bias};
 
   // The flow: partial stats, one collective, finalize, normalise. A group
   // of one rank needs no collective, so it runs the flow per cache-sized
@@ -484,9 +490,11 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
     throw Error(error);
   }
 
+  load_parameters(ws.scale, ws.bias);  // before taking pointers into them
+  const double* scale = config_.use_scale ? ws.scale.data() : nullptr;
+
 #if DISTGN_WITH_CUDA
   if (x.device == Device::cuda) {
-    load_parameters(ws.scale, ws.bias);
     CudaBackwardCall call;
     call.plan = &plan;
     call.x = x.data;
@@ -494,7 +502,7 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
     call.dy_dtype = dy.dtype;
     call.mask = mask;
     call.dx = dx.data;
-    call.scale = config_.use_scale ? ws.scale.data() : nullptr;
+    call.scale = scale;
     call.host_sums = cell_sums;  // cell sums, then channel sums: the layout of `sums`
     if (distributed || params_with_world)
       call.exchange = [&] {
@@ -509,10 +517,7 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
     call.dbias = dbias && !host_dbias ? dbias->data : nullptr;
     call.param_dtype = config_.param_dtype;
     ws.cuda_backend(stream_).backward(call, state.device);
-    for (int64_t c = 0; c < channels; ++c) {
-      if (host_dbias) store_element(dbias->dtype, dbias->data, c, channel_sums[c]);
-      if (host_dscale) store_element(dscale->dtype, dscale->data, c, channel_sums[channels + c]);
-    }
+    store_host_param_grads(dscale, dbias, channel_sums, channels);
     return;
   }
 #endif
@@ -521,9 +526,7 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
   const KernelInputs in = ws.inputs(plan, x, mask);
   const void* dy_data = ws.walking_order(plan, dy.data, dtype_size(dy.dtype), ws.dy_gathered);
   void* dx_out = ws.output(plan, dx.data, plan.input_dtype);
-  load_parameters(ws.scale, ws.bias);  // before taking pointers into them
-  const Coefficients coef{plan.compute_dtype, state.mean.data(), state.rstd.data(),
-                          config_.use_scale ? ws.scale.data() : nullptr, nullptr};
+  const Coefficients coef{plan.compute_dtype, state.mean.data(), state.rstd.data(), scale, nullptr};
   ws.terms.resize(size_t(2 * cells));
 
   // The flow: partial sums A, B; one collective; dx.
@@ -542,10 +545,7 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
     backend.input_grad(in, dy_data, dy.dtype, block, coef, ws.terms.data(), dx_out);
   }
   ws.finish_output(plan, dx.data, plan.input_dtype);
-  for (int64_t c = 0; c < channels; ++c) {
-    if (dbias) store_element(dbias->dtype, dbias->data, c, channel_sums[c]);
-    if (dscale) store_element(dscale->dtype, dscale->data, c, channel_sums[channels + c]);
-  }
+  store_host_param_grads(dscale, dbias, channel_sums, channels);
 }
 
 }  // namespace distgn

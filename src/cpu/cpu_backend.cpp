@@ -13,6 +13,7 @@
 
 #include "core/backend.hpp"
 #include "core/dtype_dispatch.hpp"
+#include "core/equal_parts.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "cpu/half_rows.hpp"
 
@@ -116,18 +117,16 @@ Chunking chunking(const Plan& plan, CellRange cells) {
   Chunking c;
   if (plan.form == Plan::Form::channel_rows) {
     const int64_t slabs = cells.size() / plan.cells_per_row;
-    // Chunks of equal height (3136 rows in chunks of at most 1024 are
-    // 4 x 784), so the threads get equal work.
-    const int64_t rows = std::max<int64_t>(plan.rows, 1);
-    const int64_t max_step = std::clamp<int64_t>(kChunkElements / std::max<int64_t>(plan.row_width, 1), 1, rows);
-    c.per_group = (rows + max_step - 1) / max_step;
-    c.step = (rows + c.per_group - 1) / c.per_group;
-    if (plan.rows == 0) c.per_group = 0;  // an empty shard: no chunks
+    const EqualParts parts =
+        equal_parts(plan.rows, std::max<int64_t>(1, kChunkElements / std::max<int64_t>(plan.row_width, 1)));
+    c.per_group = parts.count;
+    c.step = parts.size;
     c.count = slabs * c.per_group;
   } else {
-    const int64_t length = plan.cell_elements;
-    c.per_group = std::max<int64_t>(1, (length + kChunkElements - 1) / kChunkElements);
-    c.step = (length + c.per_group - 1) / c.per_group;
+    // At least one chunk per cell, so that an empty cell still gets its (empty) moments.
+    const EqualParts parts = equal_parts(plan.cell_elements, kChunkElements);
+    c.per_group = std::max<int64_t>(1, parts.count);
+    c.step = parts.size;
     c.count = cells.size() * c.per_group;
   }
   return c;
@@ -238,9 +237,11 @@ void accumulate_shifted_columns(const T* x, int64_t rows, int64_t width, const d
   if (width <= kNarrowRow) {
     for_row_blocks(rows, [&](int64_t r, auto block_rows) {
       // The hardware prefetchers lag on this pattern (a few rows read side
-      // by side); ask for the block kPrefetchBlocks ahead.
-      const char* ahead = reinterpret_cast<const char*>(x + (r + kPrefetchBlocks * kRowBlock) * width);
-      for (int64_t b = 0; b < int64_t(block_rows * width * sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
+      // by side); ask for the block kPrefetchBlocks ahead, within the rows.
+      const int64_t ahead_row = r + kPrefetchBlocks * kRowBlock;
+      const int64_t ahead_bytes = std::min<int64_t>(block_rows, rows - ahead_row) * width * int64_t(sizeof(T));
+      const char* ahead = reinterpret_cast<const char*>(x + std::min(ahead_row, rows) * width);
+      for (int64_t b = 0; b < ahead_bytes; b += 64) __builtin_prefetch(ahead + b);
       const auto* xb = staged_input(x + r * width, block_rows * width, stage);
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
@@ -401,36 +402,28 @@ class CpuBackend final : public Backend {
  private:
   // Scratch each thread reuses across calls, so steady-state calls allocate
   // nothing.
-  double* thread_scratch(size_t doubles) {
-    auto& buffer = scratch_[omp_get_thread_num()];
-    if (buffer.size() < doubles) buffer.resize(doubles);
+  // The calling thread's buffer of `per_thread`, at least count long.
+  template <class V>
+  static V* thread_buffer(std::vector<std::vector<V>>& per_thread, size_t count) {
+    auto& buffer = per_thread[size_t(omp_get_thread_num())];
+    if (buffer.size() < count) buffer.resize(count);
     return buffer.data();
   }
-  // Per-thread block sums of the wide-row reductions, in their type.
+  double* thread_scratch(size_t count) { return thread_buffer(scratch_, count); }
+  // Block sums of the wide-row reductions, in their type.
   template <class A>
   A* thread_block_sums(size_t count) {
-    auto& all = [this]() -> std::vector<std::vector<A>>& {
-      if constexpr (std::is_same_v<A, float>) return block_f32_;
-      else return block_f64_;
-    }();
-    auto& buffer = all[size_t(omp_get_thread_num())];
-    if (buffer.size() < count) buffer.resize(count);
-    return buffer.data();
+    if constexpr (std::is_same_v<A, float>) return thread_buffer(block_f32_, count);
+    else return thread_buffer(block_f64_, count);
   }
-  // Per-thread float scratch for staged float16 rows (see Staged).
-  float* thread_stage(size_t count) {
-    auto& buffer = stage_[size_t(omp_get_thread_num())];
-    if (buffer.size() < count) buffer.resize(count);
-    return buffer.data();
-  }
+  // Float scratch for staged float16 rows (see Staged).
+  float* thread_stage(size_t count) { return thread_buffer(stage_, count); }
   // Sizes the per-thread scratch for the coming parallel region and marks
   // every thread's row coefficients stale (the coefficients change per call).
   void reserve_threads() {
     const size_t threads = size_t(omp_get_max_threads());
-    if (scratch_.size() < threads) scratch_.resize(threads);
-    if (block_f32_.size() < threads) block_f32_.resize(threads);
-    if (stage_.size() < threads) stage_.resize(threads);
-    if (block_f64_.size() < threads) block_f64_.resize(threads);
+    for (auto* buffers : {&scratch_, &block_f64_}) buffers->resize(std::max(buffers->size(), threads));
+    for (auto* buffers : {&block_f32_, &stage_}) buffers->resize(std::max(buffers->size(), threads));
     if (rows_f32_.size() < threads) rows_f32_.resize(threads);
     if (rows_f64_.size() < threads) rows_f64_.resize(threads);
     for (auto& rc : rows_f32_) rc.slab = -1;
@@ -657,22 +650,22 @@ class CpuBackend final : public Backend {
         auto* dxb = staged_output(dx + block_at, stage + 2 * block);
         using Out = staged_t<T>;
         for (int64_t row = 0; row < n; row += width) {
-        const auto* xr = xb + row;
-        const auto* dyr = dyb + row;
-        auto* dxr = dxb + row;
-        if (in.mask) {
-          const uint8_t* m = in.mask + block_at + row;
+          const auto* xr = xb + row;
+          const auto* dyr = dyb + row;
+          auto* dxr = dxb + row;
+          if (in.mask) {
+            const uint8_t* m = in.mask + block_at + row;
 #pragma omp simd
-          for (int64_t j = 0; j < width; ++j) {
-            const C stat_term = m[j] ? (C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j] : C(0);
-            dxr[j] = narrow<Out>(C(widen(dyr[j])) * mul[j] + stat_term);
+            for (int64_t j = 0; j < width; ++j) {
+              const C stat_term = m[j] ? (C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j] : C(0);
+              dxr[j] = narrow<Out>(C(widen(dyr[j])) * mul[j] + stat_term);
+            }
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < width; ++j)
+              dxr[j] = narrow<Out>(C(widen(dyr[j])) * mul[j] +
+                                   ((C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j]));
           }
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < width; ++j)
-            dxr[j] = narrow<Out>(C(widen(dyr[j])) * mul[j] +
-                                 ((C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j]));
-        }
         }
         commit_output(dxb, dx + block_at, n);
       }
@@ -757,10 +750,10 @@ class CpuBackend final : public Backend {
       const int64_t e0 = (k % ch.per_group) * ch.step, e1 = std::min(length, e0 + ch.step);
       const int64_t base = cell * length;
       const C mean = C(coef.mean[cell]), r = C(coef.rstd[cell]);
+      float* stage = thread_stage(size_t(2 * kRunBlock));
       for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
         const C mul = coef.scale ? r * C(coef.scale[c]) : r;
         const C bias = coef.bias ? C(coef.bias[c]) : C(0);
-        float* stage = thread_stage(size_t(2 * kRunBlock));
         for_run_blocks(last - first, [&](int64_t b0, int64_t b1) {
           const auto* xs = staged_input(x + base + first + b0, b1 - b0, stage);
           auto* ys = staged_output(y + base + first + b0, stage + kRunBlock);
@@ -792,9 +785,9 @@ class CpuBackend final : public Backend {
       const C mean = C(coef.mean[cell]), r = C(coef.rstd[cell]);
       double* out = chunk_sums + k * stride;
       std::fill(out, out + stride, 0.0);
+      float* stage = thread_stage(size_t(2 * kRunBlock));
       for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
         double sum_dy = 0, sum_dy_xhat = 0;
-        float* stage = thread_stage(size_t(2 * kRunBlock));
         for_run_blocks(last - first, [&](int64_t b0, int64_t b1) {
           const auto* xs = staged_input(x + base + first + b0, b1 - b0, stage);
           const auto* dys = staged_input(dy + base + first + b0, b1 - b0, stage + kRunBlock);
@@ -840,10 +833,10 @@ class CpuBackend final : public Backend {
       const int64_t base = cell * length;
       const C mean = C(coef.mean[cell]), r = C(coef.rstd[cell]);
       const C a = C(cell_terms[2 * cell]), b = C(cell_terms[2 * cell + 1]);
+      float* stage = thread_stage(size_t(3 * kRunBlock));
+      using Out = staged_t<T>;
       for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
         const C scale = coef.scale ? C(coef.scale[c]) : C(1);
-        float* stage = thread_stage(size_t(3 * kRunBlock));
-        using Out = staged_t<T>;
         for_run_blocks(last - first, [&](int64_t b0, int64_t b1) {
           const int64_t at = base + first + b0, n = b1 - b0;
           const auto* xs = staged_input(x + at, n, stage);
@@ -877,10 +870,9 @@ class CpuBackend final : public Backend {
     else return rows_f64_[size_t(omp_get_thread_num())];
   }
 
-  std::vector<std::vector<double>> scratch_;
-  std::vector<std::vector<float>> block_f32_;
-  std::vector<std::vector<float>> stage_;
-  std::vector<std::vector<double>> block_f64_;
+  // Per-thread buffers (reserve_threads sizes the outer vectors).
+  std::vector<std::vector<double>> scratch_, block_f64_;
+  std::vector<std::vector<float>> block_f32_, stage_;
   std::vector<RowCoefficients<float>> rows_f32_;
   std::vector<RowCoefficients<double>> rows_f64_;
   std::vector<CellMoments> moments_;

@@ -48,24 +48,6 @@ void with_backward_types(const BackwardInputs& in, int vec, const char* what, F&
                 ", dy " + dtype_name(in.dy_dtype) + " (the caller must choose vec 1)");
 }
 
-template <class T>
-constexpr int vec_of() {
-  if constexpr (std::is_same_v<T, AnyDType>) return 1;
-  else return full_vec_of<T>();
-}
-
-template <class T, int VEC>
-auto reader(const void* p, DType dtype) {
-  if constexpr (std::is_same_v<T, AnyDType>) return Reader<AnyDType, 1>{p, dtype};
-  else return Reader<T, VEC>{static_cast<const T*>(p)};
-}
-
-template <class T, int VEC>
-auto writer(void* p, DType dtype) {
-  if constexpr (std::is_same_v<T, AnyDType>) return Writer<AnyDType, 1>{p, dtype};
-  else return Writer<T, VEC>{static_cast<T*>(p)};
-}
-
 constexpr int kChannelWarps = 8;
 
 __device__ __forceinline__ void finish_channel(int64_t c, int64_t channels, double dy, double dyx,

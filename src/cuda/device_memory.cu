@@ -29,6 +29,12 @@ std::string device_description() {
 
 void set_device(int device) { DISTGN_CUDA_CHECK(cudaSetDevice(device)); }
 
+void use_device_of_rank(int rank) {
+  const int devices = device_count();
+  if (devices == 0) throw Error("--backend cuda: no CUDA device is visible");
+  set_device(rank % devices);
+}
+
 bool is_device_pointer(const void* p) {
   if (!p) return false;
   cudaPointerAttributes attributes{};

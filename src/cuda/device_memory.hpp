@@ -20,6 +20,9 @@ int device_count();
 std::string device_description();
 // Makes `device` the calling thread's current device.
 void set_device(int device);
+// One GPU per rank, round robin: makes device rank % device_count() current.
+// Raises "--backend cuda: no CUDA device is visible" when there is none.
+void use_device_of_rank(int rank);
 // Is p an address in device memory (cudaMalloc, managed)? False for host memory.
 bool is_device_pointer(const void* p);
 

@@ -686,5 +686,26 @@ constexpr int full_vec_of() {
   return int(16 / sizeof(T));
 }
 
+// Lanes per access for element type T: a 16-byte vector, or 1 for the
+// generic kernels (AnyDType, the dtype known only at run time).
+template <class T>
+constexpr int vec_of() {
+  if constexpr (std::is_same_v<T, AnyDType>) return 1;
+  else return full_vec_of<T>();
+}
+
+// The kernels' view of an input or output array of element type T.
+template <class T, int VEC>
+auto reader(const void* p, DType dtype) {
+  if constexpr (std::is_same_v<T, AnyDType>) return Reader<AnyDType, 1>{p, dtype};
+  else return Reader<T, VEC>{static_cast<const T*>(p)};
+}
+
+template <class T, int VEC>
+auto writer(void* p, DType dtype) {
+  if constexpr (std::is_same_v<T, AnyDType>) return Writer<AnyDType, 1>{p, dtype};
+  else return Writer<T, VEC>{static_cast<T*>(p)};
+}
+
 }  // namespace cuda
 }  // namespace distgn

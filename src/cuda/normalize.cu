@@ -43,24 +43,6 @@ void with_normalize_types(DType x, DType y, DType compute, int vec, F&& f) {
                 " (the caller must choose vec 1)");
 }
 
-template <class T, int VEC>
-auto reader(const void* p, DType dtype) {
-  if constexpr (std::is_same_v<T, AnyDType>) return Reader<AnyDType, 1>{p, dtype};
-  else return Reader<T, VEC>{static_cast<const T*>(p)};
-}
-
-template <class T, int VEC>
-auto writer(void* p, DType dtype) {
-  if constexpr (std::is_same_v<T, AnyDType>) return Writer<AnyDType, 1>{p, dtype};
-  else return Writer<T, VEC>{static_cast<T*>(p)};
-}
-
-template <class T>
-constexpr int vec_of() {
-  if constexpr (std::is_same_v<T, AnyDType>) return 1;
-  else return full_vec_of<T>();
-}
-
 }  // namespace
 
 bool normalize_has_typed(DType x, DType y, DType compute) {
