@@ -252,12 +252,14 @@ constexpr int64_t kNarrowRow = 128;
 constexpr int64_t kPrefetchBlocks = 4;
 
 // A call whose input is at most this large is read from cache (the bench
-// runs copy, forward and backward in turn on the same buffers). There the
-// register blocks are faster at every width and the forward normalises in
-// them too: NHWC 2x16x16x1280 (2.6 MB) statistics 0.060 -> 0.043 ms and
-// normalisation 0.058 -> 0.049 ms, where from DRAM they measured slower
+// runs copy, forward and backward in turn on the same buffers). There all
+// four channel_rows kernels work in register blocks of kRowBlock rows at
+// every width, coefficients loaded once per block: NHWC 2x16x16x1280
+// (2.6 MB) statistics 0.060 -> 0.043 ms, normalisation 0.058 -> 0.049 ms,
+// backward 0.178 -> 0.144 ms. From DRAM the same blocks measured slower
 // (8x64x64x320 statistics 1.55 -> 2.0 ms, 16x56x56x64 normalisation 0.53
-// -> 0.73 ms).
+// -> 0.73 ms, its backward 1.25 -> 1.8 ms), so larger calls go row by row
+// (the statistics of narrow rows excepted).
 constexpr int64_t kCacheResidentBytes = int64_t(4) << 20;
 bool cache_resident(const Plan& p) {
   return p.num_cells * p.cell_elements * int64_t(dtype_size(p.input_dtype)) <= kCacheResidentBytes;
@@ -320,14 +322,38 @@ void accumulate_shifted_columns(const T* x, int64_t rows, int64_t width, const d
 }
 
 // sum_dy[j] += sum over rows of dy, sum_dy_xhat[j] += sum of dy * xhat with
-// xhat = (x - mean[j]) * rstd[j], all in the compute type C, row by row into
-// per-column block sums whatever the width (with two input streams, the
-// register blocks of accumulate_shifted_columns measured slower even on
-// narrow rows). block: 2 * width of scratch in C, stage: 2 * stage_rows_of(width)
-// * width floats.
+// xhat = (x - mean[j]) * rstd[j], all in the compute type C: in register
+// blocks of kRowBlock rows (cache-resident calls: NHWC 2x16x16x1280 backward
+// 0.178 -> 0.144 ms with input_grad_rows' blocks), otherwise row by row into
+// per-column block sums whatever the width (with two input streams from
+// DRAM the register blocks measured slower even on narrow rows: 16x56x56x64
+// backward 1.25 -> 1.42 ms). block: 2 * width of scratch in C, stage: 2 *
+// max(kRowBlock, stage_rows_of(width)) * width floats.
 template <class T, class D, class C>
 void accumulate_backward_columns(const T* x, const D* dy, int64_t rows, int64_t width, const C* mean,
-                                 const C* rstd, C* block, float* stage, double* sum_dy, double* sum_dy_xhat) {
+                                 const C* rstd, C* block, float* stage, double* sum_dy, double* sum_dy_xhat,
+                                 bool register_blocks) {
+  if (register_blocks) {
+    float* dy_stage = stage + kRowBlock * width;
+    for_row_blocks(rows, [&](int64_t r, auto block_rows) {
+      const int64_t n = block_rows * width;
+      const auto* xb = staged_input(x + r * width, n, stage);
+      const auto* dyb = staged_input(dy + r * width, n, dy_stage);
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) {
+        const C m = mean[j], rs = rstd[j];
+        C g_sum = 0, p_sum = 0;
+        for (int64_t i = 0; i < block_rows; ++i) {
+          const C g = C(widen(dyb[i * width + j]));
+          g_sum += g;
+          p_sum += g * ((C(widen(xb[i * width + j])) - m) * rs);
+        }
+        sum_dy[j] += double(g_sum);
+        sum_dy_xhat[j] += double(p_sum);
+      }
+    });
+    return;
+  }
   const int64_t stage_rows = stage_rows_of<T, D>(width);
   float* dy_stage = stage + stage_rows * width;
   C *g_sum = block, *p_sum = block + width;
@@ -649,6 +675,7 @@ class CpuBackend final : public Backend {
     const int64_t stride = 2 * per_row + 2 * channels;
     double* chunk_sums = chunk_buffer(sums_, size_t(ch.count * stride));
     const T* x = static_cast<const T*>(in.x);
+    const bool register_blocks = cache_resident(p);
     for_each_row_chunk<C>(p, cells, coef, nullptr, ch,
                           [&](int64_t k, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
       double* scratch = thread_scratch(size_t(2 * width));
@@ -656,8 +683,9 @@ class CpuBackend final : public Backend {
       std::fill(scratch, scratch + 2 * width, 0.0);
       const int64_t at = (slab * p.rows + r0) * width;
       accumulate_backward_columns(x + at, dy + at, r1 - r0, width, rc.mean.data(), rc.rstd.data(),
-                                  thread_block_sums<C>(size_t(2 * width)), thread_stage(size_t(2 * stage_rows_of<T, D>(width) * width)),
-                                  sum_dy, sum_dy_xhat);
+                                  thread_block_sums<C>(size_t(2 * width)),
+                                  thread_stage(size_t(2 * std::max(kRowBlock, stage_rows_of<T, D>(width)) * width)),
+                                  sum_dy, sum_dy_xhat, register_blocks);
       double* out = chunk_sums + k * stride;
       std::fill(out, out + stride, 0.0);
       double* channel_dy = out + 2 * per_row;
@@ -692,10 +720,31 @@ class CpuBackend final : public Backend {
     const Plan& p = *in.plan;
     const int64_t width = p.row_width;
     const T* x = static_cast<const T*>(in.x);
+    const bool resident = cache_resident(p);
     for_each_row_chunk<C>(p, cells, coef, cell_terms, chunking(p, cells),
                           [&](int64_t, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
       const C *mean = rc.mean.data(), *mul = rc.mul.data();
       const C *centered_coef = rc.centered_coef.data(), *offset = rc.offset.data();
+      if (resident && !in.mask) {
+        using Out = staged_t<T>;
+        const int64_t block = kRowBlock * width;
+        float* stage = thread_stage(size_t(3 * block));
+        for_row_blocks(r1 - r0, [&](int64_t r, auto block_rows) {
+          const int64_t at = (slab * p.rows + r0 + r) * width, n = block_rows * width;
+          const auto* xb = staged_input(x + at, n, stage);
+          const auto* dyb = staged_input(dy + at, n, stage + block);
+          auto* dxb = staged_output(dx + at, stage + 2 * block);
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j) {
+            const C m = mean[j], u = mul[j], cc = centered_coef[j], off = offset[j];
+            for (int64_t i = 0; i < block_rows; ++i)
+              dxb[i * width + j] =
+                  narrow<Out>(C(widen(dyb[i * width + j])) * u + ((C(widen(xb[i * width + j])) - m) * cc + off));
+          }
+          commit_output(dxb, dx + at, n);
+        });
+        return;
+      }
       const int64_t stage_rows = stage_rows_of<T, D>(width), block = stage_rows * width;
       float* stage = thread_stage(size_t(3 * block));
       for (int64_t rb = r0; rb < r1; rb += stage_rows) {
