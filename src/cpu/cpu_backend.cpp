@@ -568,7 +568,7 @@ class CpuBackend final : public Backend {
         }
         std::fill(shift + q * S, shift + (q + 1) * S, s);
       }
-      std::fill(sum, sum + 3 * width, 0.0);
+      std::fill(sum, sum + (in.mask ? 3 : 2) * width, 0.0);  // count: masked calls only
       for (int64_t r = r0; in.mask && r < r1; ++r) {
         const T* row = x + base + (r - r0) * width;
         {
@@ -586,13 +586,12 @@ class CpuBackend final : public Backend {
         accumulate_shifted_columns(x + base, r1 - r0, width, shift, thread_block_sums<A>(size_t(3 * width)),
                                    thread_stage(size_t(kRowBlock * width)), sum, sum_sq, register_blocks);
       for (int64_t q = 0; q < per_row; ++q) {
-        double n = 0, s1 = 0, s2 = 0;
+        double n = in.mask ? 0.0 : double((r1 - r0) * S), s1 = 0, s2 = 0;
         for (int64_t j = q * S; j < (q + 1) * S; ++j) {
           s1 += sum[j];
           s2 += sum_sq[j];
-          n += count[j];
+          if (in.mask) n += count[j];
         }
-        if (!in.mask) n = double((r1 - r0) * S);
         chunk_moments[k * per_row + q] = moments_from_shifted_sums(n, shift[q * S], s1, s2);
       }
     }
