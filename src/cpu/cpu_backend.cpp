@@ -172,7 +172,7 @@ double first_valid(const T* x, const uint8_t* mask, int64_t first, int64_t count
 // data that is not float64 (SPEC §5 asks for at least float32; the shift makes
 // the block's terms small, so the rounding stays far below SPEC §8's bars),
 // which halves the vector work of the reductions against double throughout.
-constexpr int64_t kRowBlock = 8;    // rows summed in registers (narrow rows)
+constexpr int64_t kRowBlock = 8;    // rows summed in registers (narrow rows, cache-resident calls)
 constexpr int64_t kFlushRows = 32;  // rows summed in per-column block sums before the double sums
 constexpr int64_t kRunBlock = 256;  // contiguous elements summed in the block type
 
