@@ -13,9 +13,6 @@
 #include "distgn/error.hpp"
 #include "distgn/group_norm.hpp"
 #include "io/npy.hpp"
-#if DISTGN_WITH_CUDA
-#include "cuda/device_memory.hpp"
-#endif
 
 namespace distgn::cli {
 namespace {
@@ -114,11 +111,7 @@ std::vector<std::vector<int>> parse_groups(const std::string& text) {
 }
 
 void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>& comm) {
-  const bool on_gpu = options.backend == "cuda";
-  if (options.backend != "cpu" && !on_gpu) throw Error("--backend " + options.backend + ": use cpu or cuda");
-#if !DISTGN_WITH_CUDA
-  if (on_gpu) throw Error("--backend cuda: this build of distgn has no CUDA backend (no CUDA compiler was found)");
-#endif
+  const bool on_gpu = cuda_backend_requested(options.backend);
   const bool backward = !options.dy.empty();
   if (backward != !options.dx.empty()) throw Error("--dy and --dx go together");
   if (!backward && (!options.dscale.empty() || !options.dbias.empty()))
@@ -202,11 +195,8 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   cuda::DeviceArray x_dev, y_dev, dy_dev, dx_dev;
   if (on_gpu) {
     cuda::use_device_of_rank(rank);
-    x_dev = cuda::DeviceArray(x.bytes.size());
-    x_dev.upload(x.bytes.data(), x.bytes.size());
-    y_dev = cuda::DeviceArray(y.bytes.size());
-    x_view = {x_dev.data(), x.shape, x.dtype, options.layout, Device::cuda};
-    y_view = {y_dev.data(), y.shape, y.dtype, options.layout, Device::cuda};
+    x_view = device_view(x, options.layout, x_dev, true);
+    y_view = device_view(y, options.layout, y_dev, false);
   }
 #endif
   layer.forward(x_view, y_view, mask_ptr, &state);
@@ -226,11 +216,8 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
     TensorView dy_view = dy.view(options.layout), dx_view = dx.view(options.layout);
 #if DISTGN_WITH_CUDA
     if (on_gpu) {
-      dy_dev = cuda::DeviceArray(dy.bytes.size());
-      dy_dev.upload(dy.bytes.data(), dy.bytes.size());
-      dx_dev = cuda::DeviceArray(dx.bytes.size());
-      dy_view = {dy_dev.data(), dy.shape, dy.dtype, options.layout, Device::cuda};
-      dx_view = {dx_dev.data(), dx.shape, dx.dtype, options.layout, Device::cuda};
+      dy_view = device_view(dy, options.layout, dy_dev, true);
+      dx_view = device_view(dx, options.layout, dx_dev, false);
     }
 #endif
     layer.backward(x_view, dy_view, mask_ptr, state, dx_view, config.use_scale ? &dscale_view : nullptr,

@@ -9,6 +9,9 @@
 #include "distgn/communicator.hpp"
 #include "distgn/config.hpp"
 #include "distgn/tensor.hpp"
+#if DISTGN_WITH_CUDA
+#include "cuda/device_memory.hpp"
+#endif
 
 namespace distgn::cli {
 
@@ -85,6 +88,15 @@ struct BenchOptions {
 void add_bench_options(CLI::App& app, BenchOptions& options, std::string& comm_name);
 // Runs `distgn bench`; rank 0 prints the table (and writes the JSON file).
 void run_bench(const BenchOptions& options, const std::shared_ptr<Communicator>& comm);
+
+// `--backend` (backend_setup.cpp): true for cuda, false for cpu; raises for
+// any other name, and for cuda in a build without the CUDA backend.
+bool cuda_backend_requested(const std::string& backend);
+#if DISTGN_WITH_CUDA
+// `host` in device memory held by `storage` (its bytes copied over when
+// `copy`), viewed in `layout`.
+TensorView device_view(const HostArray& host, Layout layout, cuda::DeviceArray& storage, bool copy);
+#endif
 
 // The communicator `--comm` names: local, mpi (initialises MPI), nccl, or
 // auto (mpi when launched by mpirun and built with MPI, else local).

@@ -12,6 +12,19 @@ namespace {
 
 bool mpi_initialised_here = false;
 
+#if DISTGN_WITH_MPI
+// MPI_COMM_WORLD, initialising MPI unless the caller already did.
+MPI_Comm mpi_world() {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized) {
+    MPI_Init(nullptr, nullptr);
+    mpi_initialised_here = true;
+  }
+  return MPI_COMM_WORLD;
+}
+#endif
+
 bool launched_by_mpirun() {
   for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"})
     if (std::getenv(name)) return true;
@@ -24,13 +37,7 @@ std::shared_ptr<Communicator> make_communicator(const std::string& name) {
   if (name == "local" || (name == "auto" && !launched_by_mpirun())) return local_communicator();
   if (name == "mpi" || name == "auto") {
 #if DISTGN_WITH_MPI
-    int initialized = 0;
-    MPI_Initialized(&initialized);
-    if (!initialized) {
-      MPI_Init(nullptr, nullptr);
-      mpi_initialised_here = true;
-    }
-    return mpi_communicator(MPI_COMM_WORLD);
+    return mpi_communicator(mpi_world());
 #else
     throw Error("--comm " + name + ": this build of distgn has no MPI (install libopenmpi-dev and rebuild)");
 #endif
@@ -38,17 +45,13 @@ std::shared_ptr<Communicator> make_communicator(const std::string& name) {
   if (name == "nccl") {
 #if DISTGN_WITH_NCCL && DISTGN_WITH_MPI
     // NCCL bootstrapped over MPI_COMM_WORLD (mpirun starts the ranks), one
-    // GPU per rank: the rank modulo the visible devices.
-    int initialized = 0;
-    MPI_Initialized(&initialized);
-    if (!initialized) {
-      MPI_Init(nullptr, nullptr);
-      mpi_initialised_here = true;
-    }
-    int rank = 0, devices = 0;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    devices = cuda::device_count();
-    return nccl_communicator_from_mpi(MPI_COMM_WORLD, devices > 0 ? rank % devices : 0);
+    // GPU per rank: the rank modulo the visible devices. A rank without one
+    // still joins the bootstrap, which then raises on every rank.
+    const MPI_Comm world = mpi_world();
+    int rank = 0;
+    MPI_Comm_rank(world, &rank);
+    const int devices = cuda::device_count();
+    return nccl_communicator_from_mpi(world, devices > 0 ? rank % devices : 0);
 #else
     throw Error("--comm nccl: this build of distgn has no NCCL (it needs CUDA, NCCL and MPI)");
 #endif

@@ -483,10 +483,15 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
   double* channel_sums = cell_sums + 2 * cells;
   const size_t group_count = size_t(1 + 2 * cells + (params_with_group ? 2 * channels : 0));
   const bool fused = !distributed && !params_with_world;
-  if (!error.empty()) {
-    // Join the collectives the other ranks run, then raise with them.
+  // The backward's collectives: cell sums (and channel sums) over the group,
+  // channel sums over the world. A rank with an error joins them and raises
+  // with the others.
+  auto exchange_sums = [&] {
     if (distributed) ws.exchange->sum(error, sums.data(), group_count);
     if (params_with_world) sum_or_raise(*comm_, error, channel_sums, size_t(2 * channels + 1), size_t(2 * channels));
+  };
+  if (!error.empty()) {
+    exchange_sums();
     throw Error(error);
   }
 
@@ -504,12 +509,7 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
     call.dx = dx.data;
     call.scale = scale;
     call.host_sums = cell_sums;  // cell sums, then channel sums: the layout of `sums`
-    if (distributed || params_with_world)
-      call.exchange = [&] {
-        if (distributed) ws.exchange->sum(error, sums.data(), group_count);
-        if (params_with_world)
-          sum_or_raise(*comm_, error, channel_sums, size_t(2 * channels + 1), size_t(2 * channels));
-      };
+    if (distributed || params_with_world) call.exchange = exchange_sums;
     const bool host_dscale = dscale && dscale->device == Device::cpu;
     const bool host_dbias = dbias && dbias->device == Device::cpu;
     call.channel_sums_to_host = host_dscale || host_dbias;
@@ -534,8 +534,7 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
   for (int64_t b = 0; b < blocks.count(); ++b) {
     const CellRange block = blocks[b];
     backend.backward_sums(in, dy_data, dy.dtype, block, coef, cell_sums, channel_sums);
-    if (distributed) ws.exchange->sum(error, sums.data(), group_count);
-    if (params_with_world) sum_or_raise(*comm_, error, channel_sums, size_t(2 * channels + 1), size_t(2 * channels));
+    exchange_sums();
     for (int64_t cell = block.begin; cell < block.end; ++cell) {
       const double n = state.count[size_t(cell)];
       ws.terms[size_t(2 * cell)] = cell_sums[2 * cell] / n;

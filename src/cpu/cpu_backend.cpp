@@ -60,24 +60,17 @@ using staged_t = typename Staged<T>::type;
 // one at a time (so the staged rows stay in L1). 1 when nothing is staged.
 constexpr int64_t kStageElements = 512;
 template <class T, class D = T>
-inline int64_t stage_rows_of(int64_t width) {
-  if constexpr (std::is_same_v<staged_t<T>, T> && std::is_same_v<staged_t<D>, D>) {
-    (void)width;
-    return 1;
-  } else {
-    return std::max<int64_t>(1, kStageElements / std::max<int64_t>(width, 1));
-  }
+inline int64_t stage_rows_of([[maybe_unused]] int64_t width) {
+  if constexpr (std::is_same_v<staged_t<T>, T> && std::is_same_v<staged_t<D>, D>) return 1;
+  else return std::max<int64_t>(1, kStageElements / std::max<int64_t>(width, 1));
 }
 
 // n elements at src as the kernels read them: src itself, or (float16)
 // converted into `buffer`.
 template <class T>
-const staged_t<T>* staged_input(const T* src, int64_t n, float* buffer) {
-  if constexpr (std::is_same_v<staged_t<T>, T>) {
-    (void)n;
-    (void)buffer;
-    return src;
-  } else {
+const staged_t<T>* staged_input(const T* src, [[maybe_unused]] int64_t n, [[maybe_unused]] float* buffer) {
+  if constexpr (std::is_same_v<staged_t<T>, T>) return src;
+  else {
     widen_row(src, buffer, n);
     return buffer;
   }
@@ -104,25 +97,17 @@ bool streams_output(const Plan& p) {
 // `buffer`, which commit_output then converts (float16) or streams (float
 // with `stream`) into dst. A chunk that streamed ends with stream_fence().
 template <class T>
-staged_t<T>* staged_output(T* dst, float* buffer, bool stream = false) {
+staged_t<T>* staged_output(T* dst, [[maybe_unused]] float* buffer, [[maybe_unused]] bool stream = false) {
   if constexpr (!std::is_same_v<staged_t<T>, T>) return buffer;
   else if constexpr (std::is_same_v<T, float>) return stream ? buffer : dst;
-  else {
-    (void)buffer;
-    (void)stream;
-    return dst;
-  }
+  else return dst;
 }
 template <class T>
-void commit_output(const staged_t<T>* staged, T* dst, int64_t n, bool stream = false) {
+void commit_output([[maybe_unused]] const staged_t<T>* staged, [[maybe_unused]] T* dst,
+                   [[maybe_unused]] int64_t n, [[maybe_unused]] bool stream = false) {
   if constexpr (!std::is_same_v<staged_t<T>, T>) narrow_row(staged, dst, n);
   else if constexpr (std::is_same_v<T, float>) {
     if (stream) stream_row(staged, dst, n);
-  } else {
-    (void)staged;
-    (void)dst;
-    (void)n;
-    (void)stream;
   }
 }
 
