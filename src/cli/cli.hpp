@@ -54,7 +54,8 @@ std::vector<int64_t> parse_int_list(const std::string& text, const char* what);
 std::pair<int64_t, int64_t> split_range(int64_t n, int parts, int r);
 // This rank's part of an array sharded like x: under ranks_axis a[rank] for
 // arrays of x's rank, under shard_axis the array_split part along the axis
-// (arrays whose extent there is 1, like a broadcast mask, stay whole).
+// (an array that broadcasts along the axis, like a mask of extent 1 there
+// where x's is larger, stays whole; x and dy are always split).
 HostArray shard(const HostArray& a, const Sharding& sharding, const Shape& x_shape, int rank,
                 int ranks, const char* name);
 // The inverse of shard() for arrays shaped like x: every rank gets the whole

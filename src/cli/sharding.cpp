@@ -44,8 +44,8 @@ static HostArray slice(const HostArray& a, int axis, int64_t begin, int64_t end,
   return out;
 }
 
-// This rank's part of an array that is sharded like x (arrays whose extent
-// along the axis is 1, like a broadcast mask, are shared whole).
+// This rank's part of an array that is sharded like x (an array that
+// broadcasts along the axis, like a mask of extent 1 there, is shared whole).
 HostArray shard(const HostArray& a, const Sharding& sharding, const Shape& x_shape, int rank,
                 int ranks, const char* name) {
   switch (sharding.mode) {
@@ -61,7 +61,11 @@ HostArray shard(const HostArray& a, const Sharding& sharding, const Shape& x_sha
     case Sharding::Mode::shard_axis: {
       const size_t lead = x_shape.size() - a.shape.size();
       const int axis = sharding.axis - int(lead);
-      if (axis < 0 || a.shape[size_t(axis)] == 1) return a;
+      // Shared only when it broadcasts there: x and dy of extent 1 are split
+      // like any other extent (one rank gets the slice, the rest get none), or
+      // every rank would add the same slice to dscale/dbias.
+      if (axis < 0) return a;
+      if (a.shape[size_t(axis)] == 1 && x_shape[size_t(sharding.axis)] != 1) return a;
       const auto [begin, end] = split_range(a.shape[size_t(axis)], ranks, rank);
       return slice(a, axis, begin, end, false);
     }

@@ -700,6 +700,9 @@ TEST_CASE("cli apply: --shard-axis on 2 and 3 ranks matches the single-process r
       {"nhwc axis 1 full bool mask", {2, 7, 5, 8}, " --num-groups 4 --shard-axis 1 --scale scale.npy --mask mask.npy", "b1", {2, 7, 5, 8}},
       {"nhwc axis 1 broadcast uint8 mask", {2, 7, 5, 8}, " --num-groups 4 --shard-axis 1 --bias bias.npy --mask mask.npy", "u1", {7, 5, 8}},
       {"nchw axis 3 mask exact variance", {2, 8, 7, 5}, " --num-groups 2 --layout nchw --shard-axis 3 --exact-variance --mask mask.npy", "b1", {2, 8, 7, 5}},
+      // Extent 1 along the shard axis: one rank gets the slice, the others
+      // none, so dscale/dbias are not counted once per rank.
+      {"nhwc axis 1 of extent 1", {2, 1, 4, 8}, " --num-groups 4 --shard-axis 1", "", {}},
   };
   for (const Case& k : cases) {
     DYNAMIC_SECTION(k.name) {
