@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
-#include <sstream>
 
 #include "cli/cli.hpp"
 #include "core/group_exchange.hpp"
@@ -29,6 +28,16 @@ HostArray load(const std::string& path, const std::string& dtype) {
   const io::NpyArray a = io::read_npy(path);
   const DType t = dtype.empty() ? dtype_of_file(a) : parse_dtype(dtype);
   return {a.shape, t, io::convert_to(a, t)};
+}
+
+// --scale and --bias are learned float parameters: an integer or bool file is
+// almost surely the wrong file, so it is refused rather than converted.
+HostArray load_parameter(const std::string& path, const char* option) {
+  const io::NpyArray a = io::read_npy(path);
+  if (a.type != io::NpyType::f2 && a.type != io::NpyType::f4 && a.type != io::NpyType::f8)
+    throw Error(std::string(option) + " " + path + " holds " + io::npy_descr(a.type) +
+                " elements; a parameter file must hold floats (<f2, <f4 or <f8)");
+  return {a.shape, dtype_of_file(a), io::convert_to(a, dtype_of_file(a))};
 }
 
 void save(const std::string& path, const HostArray& a) {
@@ -61,32 +70,72 @@ Sharding checked_sharding(const Sharding& s, const Plan& plan) {
   return {s.mode, axis};
 }
 
-// Rank 0 writes the outputs: find an unwritable path before any work, and
+// The file a path names, for comparing paths: symbolic links, "." and ".."
+// resolved (the file itself need not exist yet).
+std::filesystem::path resolved(const std::string& path) {
+  std::error_code ec;
+  const std::filesystem::path absolute = std::filesystem::absolute(path);
+  const std::filesystem::path p = std::filesystem::weakly_canonical(absolute, ec);
+  return ec ? absolute.lexically_normal() : p;
+}
+
+bool same_file(const std::string& a, const std::string& b) {
+  std::error_code ec;
+  // Both exist: the same device and inode (a hard link too).
+  return std::filesystem::equivalent(a, b, ec) || resolved(a) == resolved(b);
+}
+
+// Why rank 0 cannot write the outputs, or "": an output path that is a
+// directory, is in no writable directory, or names the same file as an input
+// (it would be overwritten) or as another output (one would be lost).
+std::string output_problem(const ApplyOptions& o) {
+  const std::vector<std::pair<const char*, const std::string*>> inputs = {
+      {"--x", &o.x}, {"--dy", &o.dy}, {"--mask", &o.mask}, {"--scale", &o.scale}, {"--bias", &o.bias}};
+  const std::vector<std::pair<const char*, const std::string*>> outputs = {
+      {"--y", &o.y}, {"--dx", &o.dx}, {"--dscale", &o.dscale}, {"--dbias", &o.dbias}};
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    const auto& [option, path] = outputs[i];
+    if (path->empty()) continue;
+    const std::filesystem::path target(*path);
+    const std::filesystem::path dir = target.has_parent_path() ? target.parent_path() : ".";
+    std::error_code ec;
+    if (std::filesystem::is_directory(target, ec)) return "cannot write " + *path + ": it is a directory";
+    if (!std::filesystem::is_directory(dir, ec) || ::access(dir.c_str(), W_OK) != 0)
+      return "cannot write " + *path + ": " + dir.string() + " is not a writable directory";
+    for (const auto& [input_option, input] : inputs)
+      if (!input->empty() && same_file(*path, *input))
+        return std::string(option) + " " + *path + " is the same file as the input " + input_option + " " +
+               *input + ": writing it would destroy the input; choose another output path";
+    for (size_t j = 0; j < i; ++j)
+      if (!outputs[j].second->empty() && same_file(*path, *outputs[j].second))
+        return std::string(option) + " " + *path + " and " + outputs[j].first + " " + *outputs[j].second +
+               " are the same file: one output would overwrite the other; give each its own path";
+  }
+  return "";
+}
+
+// Rank 0 writes the outputs: find a bad output path before any work, and
 // make every rank raise, so that nothing is written and nobody hangs.
-void check_outputs_writable(const ApplyOptions& o, Communicator& comm) {
-  std::string error;
-  if (comm.rank() == 0)
-    for (const std::string* path : {&o.y, &o.dx, &o.dscale, &o.dbias}) {
-      if (path->empty()) continue;
-      const std::filesystem::path target(*path);
-      const std::filesystem::path dir = target.has_parent_path() ? target.parent_path() : ".";
-      std::error_code ec;
-      if (std::filesystem::is_directory(target, ec))
-        error = "cannot write " + *path + ": it is a directory";
-      else if (!std::filesystem::is_directory(dir, ec) || ::access(dir.c_str(), W_OK) != 0)
-        error = "cannot write " + *path + ": " + dir.string() + " is not a writable directory";
-      if (!error.empty()) break;
-    }
-  GroupExchange(comm).agree({error, "outputs", 0});
+void check_output_paths(const ApplyOptions& o, Communicator& comm) {
+  GroupExchange(comm).agree({comm.rank() == 0 ? output_problem(o) : std::string(), "outputs", 0});
 }
 
 }  // namespace
 
+// Every piece of `text` between separators, empty ones included ("1,,2" and
+// "1,2," have an empty piece), so that a stray separator is seen.
+static std::vector<std::string> split(const std::string& text, char separator) {
+  std::vector<std::string> pieces{""};
+  for (char ch : text) {
+    if (ch == separator) pieces.emplace_back();
+    else pieces.back() += ch;
+  }
+  return pieces;
+}
+
 std::vector<int64_t> parse_int_list(const std::string& text, const char* what) {
   std::vector<int64_t> values;
-  std::stringstream in(text);
-  std::string item;
-  while (std::getline(in, item, ',')) {
+  for (const std::string& item : split(text, ',')) {
     try {
       size_t used = 0;
       values.push_back(std::stoll(item, &used));
@@ -100,9 +149,10 @@ std::vector<int64_t> parse_int_list(const std::string& text, const char* what) {
 
 std::vector<std::vector<int>> parse_groups(const std::string& text) {
   std::vector<std::vector<int>> groups;
-  std::stringstream in(text);
-  std::string group;
-  while (std::getline(in, group, ';')) {
+  for (const std::string& group : split(text, ';')) {
+    if (group.empty())
+      throw Error("--axis-index-groups: '" + text + "' has an empty group; write the groups of ranks " +
+                  "as comma-separated lists joined by ';', e.g. \"0,1;2,3\"");
     std::vector<int> ranks;
     for (int64_t r : parse_int_list(group, "--axis-index-groups")) ranks.push_back(int(r));
     groups.push_back(ranks);
@@ -121,7 +171,7 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   if (!options.dbias.empty() && !options.config.use_bias)
     throw Error("--dbias asked for but the layer has no bias (--no-bias)");
   const int rank = comm->rank(), ranks = comm->size();
-  check_outputs_writable(options, *comm);
+  check_output_paths(options, *comm);
 
   GroupNormConfig config = options.config;
   if (!options.axis_index_groups.empty()) config.axis_index_groups = parse_groups(options.axis_index_groups);
@@ -132,8 +182,8 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   if (backward) dy_all = load(options.dy, options.input_dtype);
   io::NpyArray mask_file;
   if (!options.mask.empty()) mask_file = io::read_npy(options.mask);
-  if (!options.scale.empty()) scale = load(options.scale, "");
-  if (!options.bias.empty()) bias = load(options.bias, "");
+  if (!options.scale.empty()) scale = load_parameter(options.scale, "--scale");
+  if (!options.bias.empty()) bias = load_parameter(options.bias, "--bias");
   if (!options.scale.empty() && !config.use_scale) throw Error("--scale given with --no-scale");
   if (!options.bias.empty() && !config.use_bias) throw Error("--bias given with --no-bias");
 

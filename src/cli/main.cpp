@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <iostream>
+#include <sstream>
 
 #include "cli/cli.hpp"
 #include "distgn/error.hpp"
@@ -25,6 +26,16 @@ void add_apply(CLI::App& app, ApplyOptions& o) {
   app.add_option("--bias", o.bias, "bias parameter (.npy, shape [C]; default: zeros)");
 }
 
+// CLI11 reads an empty value ("--num-groups ''") as "not given" and uses the
+// default; whoever typed the option meant a value, so an empty one is refused.
+void refuse_empty_values(CLI::App& app) {
+  for (CLI::Option* option : app.get_options())
+    if (option->get_type_size() > 0)
+      option->check([](const std::string& value) {
+        return value.empty() ? std::string("an empty value is not allowed") : std::string();
+      });
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -44,7 +55,7 @@ int main(int argc, char** argv) {
   add_apply(*apply_cmd, apply);
   apply_cmd->add_option("--num-groups", num_groups, "number of groups G (default 32)");
   apply_cmd->add_option("--group-size", group_size, "channels per group S (instead of --num-groups)");
-  apply_cmd->add_option("--epsilon", epsilon, "added to the variance (default 1e-6)");
+  apply_cmd->add_option("--epsilon", epsilon, "added to the variance, >= 0 (default 1e-6)");
   apply_cmd->add_flag("--no-scale", no_scale, "use_scale = false");
   apply_cmd->add_flag("--no-bias", no_bias, "use_bias = false");
   apply_cmd->add_option("--dtype", dtype, "Flax's dtype field: f32|f64|f16|bf16 (default: inferred)");
@@ -63,6 +74,8 @@ int main(int argc, char** argv) {
   BenchOptions bench;
   CLI::App* bench_cmd = app.add_subcommand("bench", "time forward and backward on generated data");
   add_bench_options(*bench_cmd, bench, comm_name);
+  refuse_empty_values(*apply_cmd);
+  refuse_empty_values(*bench_cmd);
 
   try {
     app.parse(argc, argv);
@@ -82,6 +95,13 @@ int main(int argc, char** argv) {
       // Either option alone selects its mode; both is SPEC §2's error.
       c.num_groups = group_size && !num_groups ? std::nullopt : std::optional<int64_t>(num_groups.value_or(32));
       c.group_size = group_size;
+      // The library takes any epsilon, as Flax does; the tool refuses the
+      // ones that can only give NaN (a negative one can cancel the variance).
+      if (!(epsilon >= 0)) {
+        std::ostringstream text;
+        text << "--epsilon " << epsilon << ": must be >= 0 (and not NaN)";
+        throw Error(text.str());
+      }
       c.epsilon = epsilon;
       if (dtype) c.dtype = parse_dtype(*dtype);
       c.param_dtype = parse_dtype(param_dtype);

@@ -622,6 +622,90 @@ TEST_CASE("cli apply: --dscale with --no-scale exits 2 and writes nothing", "[cl
   }
 }
 
+// Issue 13: values that used to be accepted silently (an empty value taken as
+// the default, an empty group, integer parameters, an epsilon that can only
+// give NaN) and output paths that would overwrite an input or another output.
+TEST_CASE("cli apply: empty values, stray separators, integer parameters and bad epsilon exit 2",
+          "[cli][errors]") {
+  Inputs in;
+  const std::vector<int32_t> ints(8, 1);
+  io::write_npy(in.dir / "scale_i4.npy", {8}, io::NpyType::i4, ints.data());
+  const std::vector<uint8_t> bools(8, 1);
+  io::write_npy(in.dir / "bias_b1.npy", {8}, io::NpyType::b1, bools.data());
+  const std::string base = " --x x.npy --y out_y.npy";
+  struct Case {
+    const char* name;
+    std::string options, message;
+  };
+  const std::string empty = "an empty value is not allowed";
+  const std::vector<Case> cases = {
+      {"empty --num-groups", " --num-groups ''", "--num-groups: " + empty},
+      {"empty --group-size", " --group-size ''", "--group-size: " + empty},
+      {"empty --epsilon", " --num-groups 2 --epsilon ''", "--epsilon: " + empty},
+      {"empty --reduction-axes", " --num-groups 2 --reduction-axes ''", "--reduction-axes: " + empty},
+      {"empty --axis-index-groups", " --num-groups 2 --axis-index-groups ''", "--axis-index-groups: " + empty},
+      {"empty --shard-axis", " --num-groups 2 --shard-axis ''", "--shard-axis: " + empty},
+      {"an empty group", " --num-groups 2 --axis-index-groups '0;;'", "'0;;' has an empty group"},
+      {"a trailing comma in --reduction-axes", " --num-groups 2 --reduction-axes 1,2,3,",
+       "--reduction-axes: '1,2,3,' is not a comma-separated list of integers"},
+      {"int32 --scale", " --num-groups 2 --scale scale_i4.npy",
+       "--scale scale_i4.npy holds <i4 elements; a parameter file must hold floats"},
+      {"bool --bias", " --num-groups 2 --bias bias_b1.npy",
+       "--bias bias_b1.npy holds |b1 elements; a parameter file must hold floats"},
+      {"negative --epsilon", " --num-groups 2 --epsilon -1e-3", "--epsilon -0.001: must be >= 0"},
+      {"NaN --epsilon", " --num-groups 2 --epsilon nan", "--epsilon nan: must be >= 0"},
+  };
+  for (const Case& k : cases) {
+    SECTION(k.name) {
+      const std::string command = apply_command(base + k.options);
+      INFO("command: " << command);
+      check_rejected(run(command, in.dir), k.message, in.dir);
+    }
+  }
+  SECTION("--epsilon 0 is valid") {
+    const Result r = run(apply_command(base + " --num-groups 2 --epsilon 0"), in.dir);
+    INFO("stderr: " << r.err);
+    CHECK(r.status == 0);
+  }
+}
+
+TEST_CASE("cli apply: an output path naming an input or another output exits 2 before any work",
+          "[cli][errors]") {
+  Inputs in;
+  fs::create_symlink("x.npy", in.dir / "link_to_x.npy");
+  fs::create_hard_link(in.dir / "dy.npy", in.dir / "hard_link_to_dy.npy");
+  const std::string x_before = slurp(in.dir / "x.npy"), dy_before = slurp(in.dir / "dy.npy");
+  const std::string base = " --x x.npy --dy dy.npy --num-groups 2";
+  struct Case {
+    const char* name;
+    std::string options, message;
+  };
+  const std::vector<Case> cases = {
+      {"--y equal to --dx", " --y out_y.npy --dx out_y.npy",
+       "--dx out_y.npy and --y out_y.npy are the same file"},
+      {"--dbias equal to --dscale through ./", " --y out_y.npy --dx out_dx.npy --dscale out_d.npy --dbias ./out_d.npy",
+       "--dbias ./out_d.npy and --dscale out_d.npy are the same file"},
+      {"--y equal to --x", " --y x.npy --dx out_dx.npy", "--y x.npy is the same file as the input --x x.npy"},
+      {"--dx a symbolic link to --x", " --y out_y.npy --dx link_to_x.npy",
+       "--dx link_to_x.npy is the same file as the input --x x.npy"},
+      {"--dx a hard link to --dy", " --y out_y.npy --dx hard_link_to_dy.npy",
+       "--dx hard_link_to_dy.npy is the same file as the input --dy dy.npy"},
+      {"--dscale equal to --scale through ..", " --y out_y.npy --dx out_dx.npy --scale scale.npy --dscale ../" +
+       in.dir.path.filename().string() + "/scale.npy", "is the same file as the input --scale scale.npy"},
+      {"--y equal to --mask", " --y mask.npy --dx out_dx.npy --mask mask.npy",
+       "--y mask.npy is the same file as the input --mask mask.npy"},
+  };
+  for (const Case& k : cases) {
+    SECTION(k.name) {
+      const std::string command = apply_command(base + k.options);
+      INFO("command: " << command);
+      check_rejected(run(command, in.dir), k.message, in.dir);
+      CHECK(slurp(in.dir / "x.npy") == x_before);
+      CHECK(slurp(in.dir / "dy.npy") == dy_before);
+    }
+  }
+}
+
 // ---- 3. under mpiexec ----------------------------------------------------------------
 
 TEST_CASE("cli apply: pmap golden cases under mpiexec --ranks-axis", "[cli][mpi][golden]") {
@@ -777,6 +861,12 @@ TEST_CASE("cli apply: invalid input under mpiexec fails on every rank without a 
       {"--axis-index-groups 0,2", " --num-groups 2 --axis-index-groups '0;2'",
        "axis_index_groups must cover all indices exactly once"},
       {"--ranks-axis with a leading axis other than 2", " --num-groups 2 --ranks-axis", ""},
+      {"--axis-index-groups with an empty group", " --num-groups 2 --axis-index-groups '0;;1'",
+       "'0;;1' has an empty group"},
+      {"empty --num-groups", " --num-groups '' --shard-axis 1", "--num-groups: an empty value is not allowed"},
+      {"NaN --epsilon", " --num-groups 2 --shard-axis 1 --epsilon nan", "--epsilon nan: must be >= 0"},
+      {"--dx equal to --y", " --num-groups 2 --shard-axis 1 --dy dy.npy --dx out_y.npy",
+       "--dx out_y.npy and --y out_y.npy are the same file"},
   };
   write_floats(in.dir / "x_3.npy", {3, 3, 4, 8}, 7);
   // What a script sees: mpiexec's own status (by default it stops the job
