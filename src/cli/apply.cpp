@@ -25,8 +25,17 @@ DType dtype_of_file(const io::NpyArray& a) {
 }
 
 HostArray load(const std::string& path, const std::string& dtype) {
-  const io::NpyArray a = io::read_npy(path);
+  io::NpyArray a;
+  try {
+    a = io::read_npy(path);
+  } catch (const std::bad_alloc&) {
+    std::error_code ec;
+    throw Error("out of memory: reading " + path + " needs " + byte_count(int64_t(std::filesystem::file_size(path, ec))) +
+                " for its data; free memory or use a smaller input");
+  }
   const DType t = dtype.empty() ? dtype_of_file(a) : parse_dtype(dtype);
+  // Already in the storage dtype: keep the file's bytes rather than a copy.
+  if (t != DType::bf16 && io::npy_type_for(t) == a.type) return {a.shape, t, std::move(a.bytes)};
   return {a.shape, t, io::convert_to(a, t)};
 }
 
@@ -176,14 +185,17 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   GroupNormConfig config = options.config;
   if (!options.axis_index_groups.empty()) config.axis_index_groups = parse_groups(options.axis_index_groups);
 
-  // Load everything first: a bad file fails before any work.
-  HostArray x_all = load(options.x, options.input_dtype);
-  HostArray dy_all, scale, bias;
-  if (backward) dy_all = load(options.dy, options.input_dtype);
+  // Load everything first: a bad file fails before any work (on every rank,
+  // also when only one rank runs out of memory).
+  HostArray x_all, dy_all, scale, bias;
   io::NpyArray mask_file;
-  if (!options.mask.empty()) mask_file = io::read_npy(options.mask);
-  if (!options.scale.empty()) scale = load_parameter(options.scale, "--scale");
-  if (!options.bias.empty()) bias = load_parameter(options.bias, "--bias");
+  on_every_rank(*comm, "inputs", [&] {
+    x_all = load(options.x, options.input_dtype);
+    if (backward) dy_all = load(options.dy, options.input_dtype);
+    if (!options.mask.empty()) mask_file = io::read_npy(options.mask);
+    if (!options.scale.empty()) scale = load_parameter(options.scale, "--scale");
+    if (!options.bias.empty()) bias = load_parameter(options.bias, "--bias");
+  });
   if (!options.scale.empty() && !config.use_scale) throw Error("--scale given with --no-scale");
   if (!options.bias.empty() && !config.use_bias) throw Error("--bias given with --no-bias");
 
@@ -201,14 +213,16 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   const Plan whole_plan = layer.plan(local_template, options.layout, x_all.dtype);
   const Sharding sharding = checked_sharding(options.sharding, whole_plan);
 
-  HostArray x = shard(x_all, sharding, x_all.shape, rank, ranks, "x");
-  HostArray dy;
-  if (backward) {
-    if (dy_all.shape != x_all.shape)
-      throw Error("dy has shape " + shape_string(dy_all.shape) + " but x has shape " +
-                  shape_string(x_all.shape));
-    dy = shard(dy_all, sharding, x_all.shape, rank, ranks, "dy");
-  }
+  // The whole arrays move into this rank's parts: one rank runs on the
+  // loaded bytes themselves.
+  const Shape whole_shape = x_all.shape;
+  if (backward && dy_all.shape != whole_shape)
+    throw Error("dy has shape " + shape_string(dy_all.shape) + " but x has shape " + shape_string(whole_shape));
+  HostArray x, dy;
+  on_every_rank(*comm, "shards", [&] {
+    x = shard(std::move(x_all), sharding, whole_shape, rank, ranks, "x");
+    if (backward) dy = shard(std::move(dy_all), sharding, whole_shape, rank, ranks, "dy");
+  });
   // The mask travels as float 0/1 through the sharding, then becomes bytes.
   std::vector<uint8_t> mask_bytes;
   MaskView mask;
@@ -219,7 +233,7 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
       const float v = valid[i];
       std::memcpy(as_float.bytes.data() + i * sizeof(float), &v, sizeof v);
     }
-    const HostArray part = shard(as_float, sharding, x_all.shape, rank, ranks, "mask");
+    const HostArray part = shard(std::move(as_float), sharding, whole_shape, rank, ranks, "mask");
     mask_bytes.resize(part.bytes.size() / sizeof(float));
     for (size_t i = 0; i < mask_bytes.size(); ++i) {
       float v;
@@ -234,8 +248,11 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   if (!options.scale.empty()) layer.set_scale(scale.view(Layout::channels_last));
   if (!options.bias.empty()) layer.set_bias(bias.view(Layout::channels_last));
 
-  HostArray y{x.shape, plan.output_dtype, {}};
-  y.bytes.resize(size_t(element_count(x.shape) * dtype_size(y.dtype)));
+  HostArray y{x.shape, plan.output_dtype, {}}, dx{x.shape, x.dtype, {}};
+  on_every_rank(*comm, "outputs", [&] {
+    y.bytes = allocate(element_count(x.shape) * dtype_size(y.dtype), "y " + shape_string(x.shape));
+    if (backward) dx.bytes = allocate(int64_t(x.bytes.size()), "dx " + shape_string(x.shape));
+  });
   ForwardState state;
   const MaskView* mask_ptr = options.mask.empty() ? nullptr : &mask;
   TensorView x_view = x.view(options.layout), y_view = y.view(options.layout);
@@ -254,9 +271,8 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   if (on_gpu) y_dev.download(y.bytes.data(), y.bytes.size());
 #endif
 
-  HostArray dx, dscale, dbias;
+  HostArray dscale, dbias;
   if (backward) {
-    dx = {x.shape, x.dtype, std::vector<uint8_t>(x.bytes.size())};
     const Shape c{plan.channels};
     const size_t param_bytes = size_t(plan.channels * dtype_size(config.param_dtype));
     dscale = {c, config.param_dtype, std::vector<uint8_t>(param_bytes)};
@@ -277,10 +293,15 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
 #endif
   }
 
-  // Join the shards (collective), then rank 0 writes.
-  const HostArray y_all = unshard(*comm, y, sharding, x_all.shape);
-  HostArray dx_all;
-  if (backward) dx_all = unshard(*comm, dx, sharding, x_all.shape);
+  // Join the shards (collective), then rank 0 writes. The inputs go first, to
+  // make room for the whole outputs.
+  x = HostArray{};
+  dy = HostArray{};
+  HostArray y_all, dx_all;
+  on_every_rank(*comm, "gather", [&] {
+    y_all = unshard(*comm, std::move(y), sharding, whole_shape);
+    if (backward) dx_all = unshard(*comm, std::move(dx), sharding, whole_shape);
+  });
   if (rank != 0) return;
   save(options.y, y_all);
   if (backward) {

@@ -39,7 +39,7 @@ double median(std::vector<double> v) {
 // Deterministic test data: per-channel offsets and scales, so statistics are
 // not trivial, stored in `dtype`.
 HostArray generate(const Shape& shape, DType dtype, Layout layout, uint64_t seed) {
-  HostArray a{shape, dtype, std::vector<uint8_t>(size_t(element_count(shape) * dtype_size(dtype)))};
+  HostArray a{shape, dtype, allocate(element_count(shape) * dtype_size(dtype), "the generated " + shape_string(shape) + " array")};
   const int feature = layout == Layout::channels_last ? int(shape.size()) - 1 : 1;
   int64_t inner = 1;
   for (size_t d = size_t(feature) + 1; d < shape.size(); ++d) inner *= shape[d];
@@ -58,7 +58,7 @@ HostArray generate(const Shape& shape, DType dtype, Layout layout, uint64_t seed
 double element(const HostArray& a, int64_t i) { return load_element(a.dtype, a.bytes.data(), i); }
 
 HostArray widen_to_f64(const HostArray& a) {
-  HostArray out{a.shape, DType::f64, std::vector<uint8_t>(size_t(element_count(a.shape)) * 8)};
+  HostArray out{a.shape, DType::f64, allocate(element_count(a.shape) * 8, "the float64 reference input")};
   for (int64_t i = 0; i < element_count(a.shape); ++i)
     reinterpret_cast<double*>(out.bytes.data())[i] = element(a, i);
   return out;
@@ -186,21 +186,26 @@ void run_bench(const BenchOptions& o, const std::shared_ptr<Communicator>& comm)
                          *o.shard_axis == (layout == Layout::channels_last ? int(global.size()) - 1 : 1)))
       throw Error("--shard-axis " + std::to_string(*o.shard_axis) + " must be a reduced axis other than the "
                   "batch and feature axes of " + shape_string(global));
-    const HostArray x_all = generate(global, dtype, layout, 1 + s);
-    const HostArray dy_all = generate(global, dtype, layout, 1000 + s);
-    const HostArray x = shard(x_all, sharding, global, rank, ranks, "x");
-    const HostArray dy = shard(dy_all, sharding, global, rank, ranks, "dy");
-
+    // Each rank generates the whole array (the same data for any rank count)
+    // and keeps its part only; --check generates x again for its reference.
     GroupNorm layer(config, counting);
-    const Plan plan = layer.plan(x.shape, layout, dtype);
-    HostArray y{x.shape, plan.output_dtype, std::vector<uint8_t>(size_t(element_count(x.shape) * dtype_size(plan.output_dtype)))};
-    HostArray dx{x.shape, dtype, std::vector<uint8_t>(x.bytes.size())};
+    Plan plan;
+    HostArray x, dy, y, dx;
+    std::vector<uint8_t> copy_target;
+    on_every_rank(*comm, "bench buffers", [&] {
+      x = shard(generate(global, dtype, layout, 1 + s), sharding, global, rank, ranks, "x");
+      dy = shard(generate(global, dtype, layout, 1000 + s), sharding, global, rank, ranks, "dy");
+      plan = layer.plan(x.shape, layout, dtype);
+      y = {x.shape, plan.output_dtype,
+           allocate(element_count(x.shape) * dtype_size(plan.output_dtype), "y " + shape_string(x.shape))};
+      dx = {x.shape, dtype, allocate(int64_t(x.bytes.size()), "dx " + shape_string(x.shape))};
+      if (!on_gpu) copy_target = allocate(int64_t(x.bytes.size()), "the copy's target " + shape_string(x.shape));
+    });
     ForwardState state;
     TensorView xv{const_cast<uint8_t*>(x.bytes.data()), x.shape, dtype, layout};
     TensorView dyv{const_cast<uint8_t*>(dy.bytes.data()), x.shape, dtype, layout};
     TensorView yv = y.view(layout), dxv = dx.view(layout);
 
-    std::vector<uint8_t> copy_target(on_gpu ? 0 : x.bytes.size());
     // Seconds f takes: host wall time, or on the GPU the stream's time
     // between two events around it (the call's own waits included).
     auto timed_call = [&](auto&& f) -> double {
@@ -288,7 +293,7 @@ void run_bench(const BenchOptions& o, const std::shared_ptr<Communicator>& comm)
     if (o.check) {
       // The same layer on the whole array, in float64, on one rank.
       GroupNorm reference(config);
-      const HostArray x64 = widen_to_f64(x_all);
+      const HostArray x64 = widen_to_f64(generate(global, dtype, layout, 1 + s));
       HostArray y64{global, DType::f64, std::vector<uint8_t>(x64.bytes.size())};
       HostArray x64_copy = x64;
       reference.forward(x64_copy.view(layout), y64.view(layout));

@@ -1,6 +1,7 @@
 // The `distgn` command-line tool: shared pieces of its subcommands.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -56,12 +57,25 @@ std::pair<int64_t, int64_t> split_range(int64_t n, int parts, int r);
 // arrays of x's rank, under shard_axis the array_split part along the axis
 // (an array that broadcasts along the axis, like a mask of extent 1 there
 // where x's is larger, stays whole; x and dy are always split).
-HostArray shard(const HostArray& a, const Sharding& sharding, const Shape& x_shape, int rank,
+// Takes `a` by value: the part that is all of it (one rank, a shared array)
+// is `a` itself, not a copy.
+HostArray shard(HostArray a, const Sharding& sharding, const Shape& x_shape, int rank,
                 int ranks, const char* name);
 // The inverse of shard() for arrays shaped like x: every rank gets the whole
-// array (one collective).
-HostArray unshard(Communicator& comm, const HostArray& part, const Sharding& sharding,
-                  const Shape& whole_shape);
+// array (one collective); with one rank it is `part` itself.
+HostArray unshard(Communicator& comm, HostArray part, const Sharding& sharding, const Shape& whole_shape);
+
+// ---- memory (sharding.cpp) ----
+
+// "8589934592 bytes (8.00 GiB)".
+std::string byte_count(int64_t bytes);
+// `bytes` zeroed bytes for `what`; when they do not fit, a distgn::Error that
+// says what did not fit and how much it needed.
+std::vector<uint8_t> allocate(int64_t bytes, const std::string& what);
+// Runs `step` on this rank, then every rank raises if it failed on any rank:
+// running out of memory may hit one rank only, and the others must not wait
+// for it in the next collective. Collective.
+void on_every_rank(Communicator& comm, const char* step_name, const std::function<void()>& step);
 
 }  // namespace distgn::cli
 

@@ -4,7 +4,9 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <iostream>
+#include <new>
 #include <sstream>
+#include <stdexcept>
 
 #include "cli/cli.hpp"
 #include "distgn/error.hpp"
@@ -120,6 +122,15 @@ int main(int argc, char** argv) {
     }
   } catch (const Error& e) {
     std::fprintf(stderr, "distgn: error: %s\n", e.what());
+    status = 2;
+  } catch (const std::bad_alloc& e) {
+    // The tool's own big buffers say what did not fit (allocate()); this is
+    // the rest, such as the layer's per-cell statistics.
+    std::fprintf(stderr, "distgn: error: out of memory (%s): free memory or use a smaller input\n", e.what());
+    status = 2;
+  } catch (const std::length_error& e) {
+    std::fprintf(stderr, "distgn: error: a buffer larger than this machine can address (%s): use a smaller input\n",
+                 e.what());
     status = 2;
   }
   finish_communicator(comm, status);

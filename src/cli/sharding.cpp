@@ -1,8 +1,13 @@
-// How `distgn` splits arrays over ranks and joins the results back.
+// How `distgn` splits arrays over ranks and joins the results back, and the
+// buffers they live in.
 #include <algorithm>
 #include <cstring>
+#include <new>
+#include <sstream>
+#include <stdexcept>
 
 #include "cli/cli.hpp"
+#include "core/group_exchange.hpp"
 #include "distgn/error.hpp"
 
 namespace distgn::cli {
@@ -24,19 +29,55 @@ AxisSplit around(const Shape& shape, int axis) {
 
 }  // namespace
 
+std::string byte_count(int64_t bytes) {
+  std::ostringstream text;
+  text.setf(std::ios::fixed);
+  text.precision(2);
+  text << bytes << " bytes (" << double(bytes) / double(int64_t(1) << 30) << " GiB)";
+  return text.str();
+}
+
+std::vector<uint8_t> allocate(int64_t bytes, const std::string& what) {
+  const std::string message = "out of memory: " + what + " needs " + byte_count(bytes) +
+                              " of memory it could not get; free memory or use a smaller input";
+  try {
+    return std::vector<uint8_t>(size_t(bytes));
+  } catch (const std::bad_alloc&) {
+    throw Error(message);
+  } catch (const std::length_error&) {
+    throw Error(message);
+  }
+}
+
+void on_every_rank(Communicator& comm, const char* step_name, const std::function<void()>& step) {
+  std::string error;
+  try {
+    step();
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  GroupExchange(comm).agree({error, step_name, 0});
+}
+
 std::pair<int64_t, int64_t> split_range(int64_t n, int parts, int r) {
   const int64_t base = n / parts, extra = n % parts;
   const int64_t begin = r * base + std::min<int64_t>(r, extra);
   return {begin, begin + base + (r < extra ? 1 : 0)};
 }
 
-static HostArray slice(const HostArray& a, int axis, int64_t begin, int64_t end, bool drop_axis) {
+// a[begin:end] along axis (the axis dropped when asked); the whole range
+// keeps a's bytes, without a copy.
+static HostArray slice(HostArray a, int axis, int64_t begin, int64_t end, bool drop_axis) {
   const AxisSplit s = around(a.shape, axis);
   const int64_t bytes = dtype_size(a.dtype), length = end - begin;
   HostArray out{a.shape, a.dtype, {}};
   out.shape[size_t(axis)] = length;
   if (drop_axis) out.shape.erase(out.shape.begin() + axis);
-  out.bytes.resize(size_t(s.outer * length * s.inner * bytes));
+  if (begin == 0 && end == s.extent) {
+    out.bytes = std::move(a.bytes);
+    return out;
+  }
+  out.bytes = allocate(s.outer * length * s.inner * bytes, "this rank's part " + shape_string(out.shape));
   for (int64_t o = 0; o < s.outer; ++o)
     std::memcpy(out.bytes.data() + o * length * s.inner * bytes,
                 a.bytes.data() + (o * s.extent + begin) * s.inner * bytes,
@@ -46,18 +87,18 @@ static HostArray slice(const HostArray& a, int axis, int64_t begin, int64_t end,
 
 // This rank's part of an array that is sharded like x (an array that
 // broadcasts along the axis, like a mask of extent 1 there, is shared whole).
-HostArray shard(const HostArray& a, const Sharding& sharding, const Shape& x_shape, int rank,
+HostArray shard(HostArray a, const Sharding& sharding, const Shape& x_shape, int rank,
                 int ranks, const char* name) {
   switch (sharding.mode) {
     case Sharding::Mode::none: return a;
     case Sharding::Mode::ranks_axis:
       if (a.shape.size() != x_shape.size()) return a;
-      if (a.shape[0] == 1) return slice(a, 0, 0, 1, true);  // the same for every rank
+      if (a.shape[0] == 1) return slice(std::move(a), 0, 0, 1, true);  // the same for every rank
       if (a.shape[0] != ranks)
         throw Error(std::string("--ranks-axis: ") + name + " of shape " + shape_string(a.shape) +
                     " must have a leading axis of length " + std::to_string(ranks) +
                     " (one slice per rank) or 1 (shared by all)");
-      return slice(a, 0, rank, rank + 1, true);
+      return slice(std::move(a), 0, rank, rank + 1, true);
     case Sharding::Mode::shard_axis: {
       const size_t lead = x_shape.size() - a.shape.size();
       const int axis = sharding.axis - int(lead);
@@ -67,39 +108,44 @@ HostArray shard(const HostArray& a, const Sharding& sharding, const Shape& x_sha
       if (axis < 0) return a;
       if (a.shape[size_t(axis)] == 1 && x_shape[size_t(sharding.axis)] != 1) return a;
       const auto [begin, end] = split_range(a.shape[size_t(axis)], ranks, rank);
-      return slice(a, axis, begin, end, false);
+      return slice(std::move(a), axis, begin, end, false);
     }
   }
   return a;
 }
 
-// Every rank's bytes, on every rank (sizes may differ).
-static std::vector<std::vector<uint8_t>> gather_all(Communicator& comm, const std::vector<uint8_t>& mine) {
+// Every rank's bytes, on every rank (sizes may differ): rank r's part is
+// sizes[r] bytes from r * largest in `all`.
+struct Gathered {
+  std::vector<size_t> sizes;
+  size_t largest = 0;
+  std::vector<uint8_t> all;
+  const uint8_t* part(int r) const { return all.data() + largest * size_t(r); }
+};
+static Gathered gather_all(Communicator& comm, std::vector<uint8_t> mine) {
   const int ranks = comm.size();
   const double size = double(mine.size());
   std::vector<double> sizes(static_cast<size_t>(ranks));
   comm.allgather(&size, 1, sizes.data());
-  size_t largest = 0;
-  for (double s : sizes) largest = std::max(largest, size_t(s));
-  std::vector<uint8_t> padded(mine), all(largest * size_t(ranks));
-  padded.resize(largest);
-  comm.allgather(padded.data(), largest, all.data());
-  std::vector<std::vector<uint8_t>> parts;
-  for (int r = 0; r < ranks; ++r)
-    parts.emplace_back(all.begin() + std::ptrdiff_t(largest * size_t(r)),
-                       all.begin() + std::ptrdiff_t(largest * size_t(r) + size_t(sizes[size_t(r)])));
-  return parts;
+  Gathered g;
+  for (double s : sizes) g.sizes.push_back(size_t(s));
+  g.largest = *std::max_element(g.sizes.begin(), g.sizes.end());
+  mine.resize(g.largest);
+  g.all = allocate(int64_t(g.largest) * ranks, "gathering the parts of every rank");
+  comm.allgather(mine.data(), g.largest, g.all.data());
+  return g;
 }
 
 // The inverse of shard(): the whole array from every rank's part.
-HostArray unshard(Communicator& comm, const HostArray& part, const Sharding& sharding,
-                  const Shape& whole_shape) {
+HostArray unshard(Communicator& comm, HostArray part, const Sharding& sharding, const Shape& whole_shape) {
   if (sharding.mode == Sharding::Mode::none || comm.size() == 1) return part;
-  const auto parts = gather_all(comm, part.bytes);
-  HostArray whole{whole_shape, part.dtype, {}};
-  whole.bytes.reserve(size_t(element_count(whole_shape) * dtype_size(part.dtype)));
+  const Gathered g = gather_all(comm, std::move(part.bytes));
+  HostArray whole{whole_shape, part.dtype,
+                  allocate(element_count(whole_shape) * dtype_size(part.dtype),
+                           "the whole output " + shape_string(whole_shape))};
+  uint8_t* out = whole.bytes.data();
   if (sharding.mode == Sharding::Mode::ranks_axis) {
-    for (const auto& p : parts) whole.bytes.insert(whole.bytes.end(), p.begin(), p.end());
+    for (int r = 0; r < comm.size(); ++r) out = std::copy_n(g.part(r), g.sizes[size_t(r)], out);
     return whole;
   }
   const AxisSplit s = around(whole_shape, sharding.axis);
@@ -107,12 +153,10 @@ HostArray unshard(Communicator& comm, const HostArray& part, const Sharding& sha
   for (int64_t o = 0; o < s.outer; ++o)
     for (int r = 0; r < comm.size(); ++r) {
       const auto [begin, end] = split_range(s.extent, comm.size(), r);
-      const auto& p = parts[size_t(r)];
       const int64_t chunk = (end - begin) * row;
-      whole.bytes.insert(whole.bytes.end(), p.begin() + o * chunk, p.begin() + (o + 1) * chunk);
+      out = std::copy_n(g.part(r) + o * chunk, chunk, out);
     }
   return whole;
 }
-
 
 }  // namespace distgn::cli

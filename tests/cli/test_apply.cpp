@@ -904,6 +904,91 @@ TEST_CASE("cli apply: invalid input under mpiexec fails on every rank without a 
   }
 }
 
+// Issue 13: running out of memory is an error like any other (it used to end
+// in std::terminate, exit 134). `ulimit -v` makes the memory small: 2 GB of
+// address space for buffers of 4 GiB, 200 MB for an input of 256 MiB.
+TEST_CASE("cli: running out of memory exits 2 saying what did not fit, on every rank", "[cli][errors][mpi]") {
+  TempDir dir;
+  auto limited = [](const std::string& kilobytes, const std::string& command) {
+    return "sh -c " + quote("ulimit -v " + kilobytes + " && exec " + command);
+  };
+  const std::string bench = quote(cli_path()) + " bench --shape 1,1024,1024,1024 --iters 1 --warmup 0";
+  const std::string bench_message = "out of memory: the generated (1, 1024, 1024, 1024) array needs 4294967296 bytes";
+  // A .npy file of 256 MiB of zeros (sparse: only the header is written).
+  write_raw_npy(dir / "x_big.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1024, 1024, 64), }", {});
+  fs::resize_file(dir / "x_big.npy", fs::file_size(dir / "x_big.npy") + (size_t(1) << 28));
+  const std::string apply = apply_command(" --x x_big.npy --y out_y.npy --num-groups 2");
+  const std::string apply_message = "out of memory: reading x_big.npy needs 268435584 bytes";
+
+  SECTION("bench, one process") {
+    const Result r = run(limited("2000000", bench), dir);
+    INFO("stderr: " << r.err);
+    CHECK(r.status == 2);
+    CHECK(occurrences(r.err, bench_message) == 1);
+  }
+  SECTION("apply, one process") {
+    check_rejected(run(limited("200000", apply), dir), apply_message, dir);
+  }
+  if (const std::string why = mpi_unavailable(); !why.empty()) {
+    WARN("skipped under mpiexec: " << why);
+    return;
+  }
+  write_rank_wrapper(dir);
+  const std::string mpi = mpiexec() + " --mca orte_abort_on_non_zero_status 0 -n 2 sh rank_status.sh ";
+  SECTION("bench, mpiexec -n 2") {
+    const Result r = run(limited("2000000", mpi + bench + " --shard-axis 1"), dir);
+    INFO("stderr: " << r.err);
+    CHECK(r.status != 124);
+    CHECK(rank_statuses(dir, 2) == std::vector<int>{2, 2});
+    CHECK(occurrences(r.err, bench_message) == 2);
+  }
+  SECTION("apply, mpiexec -n 2") {
+    const Result r = run(limited("200000", mpi + apply + " --shard-axis 1"), dir);
+    INFO("stderr: " << r.err);
+    CHECK(r.status != 124);
+    CHECK(rank_statuses(dir, 2) == std::vector<int>{2, 2});
+    CHECK(occurrences(r.err, apply_message) == 2);
+    CHECK(outputs(dir).empty());
+  }
+}
+
+// Issue 13: one rank runs on the loaded arrays themselves; the tool used to
+// copy them into a shard and the outputs out of one (about 4x x's size
+// forward, 8x with backward). Peak resident memory from /usr/bin/time, less
+// that of a run on a tiny input (the program itself).
+TEST_CASE("cli apply: one rank holds only the inputs and outputs in memory", "[cli]") {
+  if (!fs::exists("/usr/bin/time")) {
+    WARN("skipped: no /usr/bin/time to measure the peak resident memory");
+    return;
+  }
+  TempDir dir;
+  const Shape shape{1, 256, 256, 128};
+  const double tensor = double(element_count(shape)) * 4;  // 32 MiB of float32
+  write_floats(dir / "x.npy", shape, 1);
+  write_floats(dir / "dy.npy", shape, 2);
+  write_floats(dir / "x_tiny.npy", {1, 2, 2, 128}, 3);
+  write_floats(dir / "dy_tiny.npy", {1, 2, 2, 128}, 4);
+  // Peak resident bytes of `distgn apply` on x<suffix>.npy (and dy with backward).
+  auto peak = [&](const std::string& suffix, bool backward) {
+    const std::string options = " --num-groups 32 --x x" + suffix + ".npy --y out_y.npy" +
+                                (backward ? " --dy dy" + suffix + ".npy --dx out_dx.npy" : "");
+    const Result r = run("/usr/bin/time -f %M -o rss.txt " + apply_command(options), dir);
+    INFO("stderr: " << r.err);
+    REQUIRE(r.status == 0);
+    return std::stod(slurp(dir / "rss.txt")) * 1024;  // KiB
+  };
+  SECTION("forward: x and y") {
+    const double used = peak("", false) - peak("_tiny", false);
+    INFO("peak beyond the program: " << used / tensor << " x the tensor");
+    CHECK(used < 2.5 * tensor);
+  }
+  SECTION("backward: x, dy, y and dx") {
+    const double used = peak("", true) - peak("_tiny", true);
+    INFO("peak beyond the program: " << used / tensor << " x the tensor");
+    CHECK(used < 4.5 * tensor);
+  }
+}
+
 // The same check seen from two ranks: both exit 2, nothing is written.
 TEST_CASE("cli apply: --dscale with --no-scale under mpiexec fails on every rank", "[cli][mpi][errors]") {
   if (const std::string why = mpi_unavailable(); !why.empty()) {
