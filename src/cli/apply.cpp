@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <new>
 
 #include "cli/cli.hpp"
+#include "core/cell_stats.hpp"
 #include "core/group_exchange.hpp"
 #include "core/half.hpp"
 #include "distgn/error.hpp"
@@ -266,7 +268,18 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
     y_view = device_view(y, options.layout, y_dev, false);
   }
 #endif
-  layer.forward(x_view, y_view, mask_ptr, &state);
+  const auto layer_call = [&](const std::function<void()>& call) {
+    try {
+      call();
+    } catch (const std::bad_alloc&) {
+      // The layer's own memory: per-cell statistics, whatever x's size.
+      throw Error("out of memory: the layer's statistics for the " + std::to_string(plan.num_cells) +
+                  " cells of x " + shape_string(x.shape) + " need at least " +
+                  byte_count(plan.num_cells * int64_t(sizeof(CellMoments))) +
+                  "; free memory, or use fewer groups or fewer non-reduced axes");
+    }
+  };
+  layer_call([&] { layer.forward(x_view, y_view, mask_ptr, &state); });
 #if DISTGN_WITH_CUDA
   if (on_gpu) y_dev.download(y.bytes.data(), y.bytes.size());
 #endif
@@ -286,8 +299,10 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
       dx_view = device_view(dx, options.layout, dx_dev, false);
     }
 #endif
-    layer.backward(x_view, dy_view, mask_ptr, state, dx_view, config.use_scale ? &dscale_view : nullptr,
-                   config.use_bias ? &dbias_view : nullptr, ParamGradReduction::all);
+    layer_call([&] {
+      layer.backward(x_view, dy_view, mask_ptr, state, dx_view, config.use_scale ? &dscale_view : nullptr,
+                     config.use_bias ? &dbias_view : nullptr, ParamGradReduction::all);
+    });
 #if DISTGN_WITH_CUDA
     if (on_gpu) dx_dev.download(dx.bytes.data(), dx.bytes.size());
 #endif

@@ -929,6 +929,15 @@ TEST_CASE("cli: running out of memory exits 2 saying what did not fit, on every 
   SECTION("apply, one process") {
     check_rejected(run(limited("200000", apply), dir), apply_message, dir);
   }
+  // No elements but 2^31 x 2 groups = 2^32 cells of statistics (96 GiB).
+  SECTION("apply, a zero-size x of 2^32 cells") {
+    write_raw_npy(dir / "x_empty.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (2147483648, 0, 8), }", {});
+    const std::string command = apply_command(" --x x_empty.npy --y out_y.npy --num-groups 2");
+    check_rejected(run(limited("2000000", command), dir),
+                   "out of memory: the layer's statistics for the 4294967296 cells of x (2147483648, 0, 8) need at least "
+                   "103079215104 bytes",
+                   dir);
+  }
   if (const std::string why = mpi_unavailable(); !why.empty()) {
     WARN("skipped under mpiexec: " << why);
     return;
