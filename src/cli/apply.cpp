@@ -187,13 +187,13 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   GroupNormConfig config = options.config;
   if (!options.axis_index_groups.empty()) config.axis_index_groups = parse_groups(options.axis_index_groups);
 
-  // Load everything first: a bad file fails before any work (on every rank,
-  // also when only one rank runs out of memory).
-  HostArray x_all, dy_all, scale, bias;
+  // Load the inputs first (dy once x is sharded, so that the whole x and dy
+  // are never in memory together): a bad file fails before any work, on
+  // every rank, also when only one rank runs out of memory.
+  HostArray x_all, scale, bias;
   io::NpyArray mask_file;
   on_every_rank(*comm, "inputs", [&] {
     x_all = load(options.x, options.input_dtype);
-    if (backward) dy_all = load(options.dy, options.input_dtype);
     if (!options.mask.empty()) mask_file = io::read_npy(options.mask);
     if (!options.scale.empty()) scale = load_parameter(options.scale, "--scale");
     if (!options.bias.empty()) bias = load_parameter(options.bias, "--bias");
@@ -218,12 +218,14 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   // The whole arrays move into this rank's parts: one rank runs on the
   // loaded bytes themselves.
   const Shape whole_shape = x_all.shape;
-  if (backward && dy_all.shape != whole_shape)
-    throw Error("dy has shape " + shape_string(dy_all.shape) + " but x has shape " + shape_string(whole_shape));
   HostArray x, dy;
   on_every_rank(*comm, "shards", [&] {
     x = shard(std::move(x_all), sharding, whole_shape, rank, ranks, "x");
-    if (backward) dy = shard(std::move(dy_all), sharding, whole_shape, rank, ranks, "dy");
+    if (!backward) return;
+    HostArray dy_all = load(options.dy, options.input_dtype);
+    if (dy_all.shape != whole_shape)
+      throw Error("dy has shape " + shape_string(dy_all.shape) + " but x has shape " + shape_string(whole_shape));
+    dy = shard(std::move(dy_all), sharding, whole_shape, rank, ranks, "dy");
   });
   // The mask travels as float 0/1 through the sharding, then becomes bytes.
   std::vector<uint8_t> mask_bytes;
