@@ -18,14 +18,14 @@ namespace {
 
 void add_apply(CLI::App& app, ApplyOptions& o) {
   app.add_option("--x", o.x, "input x (.npy)")->required();
-  app.add_option("--y", o.y, "output y (.npy), written by rank 0")->required();
+  app.add_option("--y", o.y, "output y (.npy), written by rank 0; no output may name an input or another output")->required();
   app.add_option("--dy", o.dy, "upstream gradient (.npy), runs backward too");
   app.add_option("--dx", o.dx, "input gradient output (.npy)");
   app.add_option("--dscale", o.dscale, "scale gradient output (.npy), total over all ranks");
   app.add_option("--dbias", o.dbias, "bias gradient output (.npy), total over all ranks");
   app.add_option("--mask", o.mask, "validity mask (.npy, any numeric or bool dtype; nonzero = valid)");
-  app.add_option("--scale", o.scale, "scale parameter (.npy, shape [C]; default: ones)");
-  app.add_option("--bias", o.bias, "bias parameter (.npy, shape [C]; default: zeros)");
+  app.add_option("--scale", o.scale, "scale parameter (.npy of floats, shape [C]; default: ones)");
+  app.add_option("--bias", o.bias, "bias parameter (.npy of floats, shape [C]; default: zeros)");
 }
 
 // CLI11 reads an empty value ("--num-groups ''") as "not given" and uses the
