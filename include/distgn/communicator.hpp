@@ -2,9 +2,11 @@
 // transport the caller runs (none, MPI, NCCL).
 #pragma once
 
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "distgn/build_config.hpp"
 #if DISTGN_WITH_MPI
@@ -36,20 +38,65 @@ class Communicator {
   virtual void allgather(const double* send, size_t count, double* recv) = 0;
   virtual void allgather(const uint8_t* send, size_t count, uint8_t* recv) = 0;
 
+  // Rank `root` receives every rank's `bytes` bytes of `send` concatenated
+  // in rank order (sizes may differ per rank); the result is empty on the
+  // other ranks. Collective.
+  virtual std::vector<uint8_t> gather(const uint8_t* send, size_t bytes, int root) = 0;
+
   // Partitions the ranks: those passing the same color form one new
   // communicator, ordered by key (ties by rank). Collective over all ranks.
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
 };
 
+// Names what the collectives this thread starts while it lives are for
+// ("forward statistics of GroupNorm"), so that a collective timeout can say
+// which call of the caller's hung. Scopes nest; the innermost names the call.
+// `what` must outlive the scope (a string literal).
+class CollectiveLabel {
+ public:
+  explicit CollectiveLabel(const char* what) : previous_(current_) { current_ = what; }
+  ~CollectiveLabel() { current_ = previous_; }
+  CollectiveLabel(const CollectiveLabel&) = delete;
+  CollectiveLabel& operator=(const CollectiveLabel&) = delete;
+
+  // The innermost label of this thread, or null outside every scope.
+  static const char* current() { return current_; }
+
+ private:
+  static inline thread_local const char* current_ = nullptr;
+  const char* previous_;
+};
+
 // The communicator of one process alone (size 1): every collective is a copy.
 std::shared_ptr<Communicator> local_communicator();
 
+// How long a collective waits for the other ranks before it ends the job,
+// instead of hanging forever on a rank that stopped or died (0 = forever).
+// The layer's collectives run on the communicator the caller gave the layer,
+// so this is also the layer's timeout.
+constexpr double kDefaultCollectiveTimeoutSeconds = 600;
+
 #if DISTGN_WITH_MPI
+struct MpiOptions {
+  // Seconds each collective may wait; 0 waits forever. When one times out,
+  // every rank still waiting writes to stderr which call it was in and which
+  // ranks did not arrive, e.g. "distgn: collective allgather (forward
+  // statistics of GroupNorm) timed out after 5 s on rank 0; rank(s) 1 did not
+  // arrive", and MPI_Abort ends the job.
+  double collective_timeout_s = kDefaultCollectiveTimeoutSeconds;
+  // The largest piece, in bytes (but at least one element), a collective
+  // hands MPI at once: payloads beyond MPI's int counts go in pieces. Tests
+  // make it small to exercise the pieces.
+  size_t max_chunk_bytes = size_t(INT_MAX) / 8 * 8;
+};
+
 // Wraps an MPI communicator the caller owns (default: MPI_COMM_WORLD); MPI
-// must be initialised and outlive it. Communicators it splits off are its
-// own and freed with them. Buffers are host memory: Debian's Open MPI is not
-// CUDA-aware.
-std::shared_ptr<Communicator> mpi_communicator(MPI_Comm comm = MPI_COMM_WORLD);
+// must be initialised and outlive it. Not collective itself; the first
+// collective duplicates `comm` once for the communicator's own point-to-point
+// traffic (gather, arrival notices), which the caller's messages can never
+// match. Communicators it splits off are its own, freed with them, and keep
+// `options`. Buffers are host memory: Debian's Open MPI is not CUDA-aware.
+std::shared_ptr<Communicator> mpi_communicator(MPI_Comm comm = MPI_COMM_WORLD, MpiOptions options = {});
 #endif
 
 #if DISTGN_WITH_NCCL
@@ -106,6 +153,7 @@ class CountingCommunicator : public Communicator {
   void allreduce_sum(float* data, size_t count) override;
   void allgather(const double* send, size_t count, double* recv) override;
   void allgather(const uint8_t* send, size_t count, uint8_t* recv) override;
+  std::vector<uint8_t> gather(const uint8_t* send, size_t bytes, int root) override;
   std::unique_ptr<Communicator> split(int color, int key) override;
 
  private:

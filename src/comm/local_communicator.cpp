@@ -2,7 +2,10 @@
 #include <algorithm>
 #include <chrono>
 
+#include <string>
+
 #include "distgn/communicator.hpp"
+#include "distgn/error.hpp"
 
 namespace distgn {
 namespace {
@@ -18,6 +21,10 @@ class LocalCommunicator final : public Communicator {
   }
   void allgather(const uint8_t* send, size_t count, uint8_t* recv) override {
     std::copy(send, send + count, recv);
+  }
+  std::vector<uint8_t> gather(const uint8_t* send, size_t bytes, int root) override {
+    if (root != 0) throw Error("gather: root " + std::to_string(root) + " is not a rank of a 1-rank communicator");
+    return std::vector<uint8_t>(send, send + bytes);
   }
   std::unique_ptr<Communicator> split(int, int) override {
     return std::make_unique<LocalCommunicator>();
@@ -59,6 +66,11 @@ void CountingCommunicator::allgather(const double* send, size_t count, double* r
 }
 void CountingCommunicator::allgather(const uint8_t* send, size_t count, uint8_t* recv) {
   timed(count, [&] { inner_->allgather(send, count, recv); });
+}
+std::vector<uint8_t> CountingCommunicator::gather(const uint8_t* send, size_t bytes, int root) {
+  std::vector<uint8_t> result;
+  timed(bytes, [&] { result = inner_->gather(send, bytes, root); });
+  return result;
 }
 std::unique_ptr<Communicator> CountingCommunicator::split(int color, int key) {
   std::unique_ptr<Communicator> part;

@@ -86,6 +86,50 @@ class NcclCommunicator final : public Communicator, public DeviceCollectives {
     host_allgather(send, count, recv, ncclUint8, 1);
   }
 
+  // Sizes by an allgather, then the root receives each rank's bytes with
+  // ncclRecv (one group), staged like the other host collectives.
+  std::vector<uint8_t> gather(const uint8_t* send, size_t bytes, int root) override {
+    if (root < 0 || root >= size_)
+      throw Error("gather: root " + std::to_string(root) + " is not a rank of this " + std::to_string(size_) +
+                  "-rank communicator");
+    std::vector<uint8_t> result;
+    const uint64_t mine = bytes;
+    std::vector<uint64_t> sizes(size_t(size_));
+    host_allgather(&mine, 1, sizes.data(), ncclUint64, sizeof(uint64_t));
+    uint64_t total = 0;
+    for (uint64_t s : sizes) total += s;
+    if (total == 0) return result;
+    DeviceScope scope(device_);
+    const size_t staged = rank_ == root ? size_t(total) : bytes;
+    reserve(staged);
+    auto* host = static_cast<uint8_t*>(host_buffer_);
+    auto* device = static_cast<uint8_t*>(device_buffer_);
+    if (rank_ != root) {
+      if (bytes == 0) return result;
+      std::memcpy(host, send, bytes);
+      check_cuda(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync");
+      check_nccl(ncclSend(device, bytes, ncclUint8, root, comm_, stream_), "ncclSend", comm_);
+      check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+      return result;
+    }
+    check_nccl(ncclGroupStart(), "ncclGroupStart");
+    size_t offset = 0;
+    for (int r = 0; r < size_; ++r) {
+      if (r != rank_ && sizes[size_t(r)])
+        check_nccl(ncclRecv(device + offset, size_t(sizes[size_t(r)]), ncclUint8, r, comm_, stream_), "ncclRecv",
+                   comm_);
+      offset += size_t(sizes[size_t(r)]);
+    }
+    check_nccl(ncclGroupEnd(), "ncclGroupEnd", comm_);
+    check_cuda(cudaMemcpyAsync(host, device, staged, cudaMemcpyDeviceToHost, stream_), "cudaMemcpyAsync");
+    check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    result.assign(host, host + staged);
+    size_t own = 0;
+    for (int r = 0; r < rank_; ++r) own += size_t(sizes[size_t(r)]);
+    if (bytes) std::memcpy(result.data() + own, send, bytes);
+    return result;
+  }
+
   std::unique_ptr<Communicator> split(int color, int key) override {
     DeviceScope scope(device_);
     ncclComm_t part = nullptr;
