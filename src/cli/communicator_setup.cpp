@@ -1,4 +1,6 @@
-// `--comm`: which communicator the tool runs over.
+// `--comm`: which communicator the tool runs over, and how long its
+// collectives wait for the other ranks (DISTGN_COLLECTIVE_TIMEOUT).
+#include <cmath>
 #include <cstdlib>
 
 #include "cli/cli.hpp"
@@ -25,6 +27,19 @@ MPI_Comm mpi_world() {
 }
 #endif
 
+// DISTGN_COLLECTIVE_TIMEOUT: seconds a collective waits for the other ranks
+// before the job is ended with a report of who did not arrive; 0 = forever.
+double collective_timeout_seconds() {
+  const char* text = std::getenv("DISTGN_COLLECTIVE_TIMEOUT");
+  if (!text || !*text) return kDefaultCollectiveTimeoutSeconds;
+  char* end = nullptr;
+  const double seconds = std::strtod(text, &end);
+  if (*end != '\0' || !std::isfinite(seconds) || seconds < 0)
+    throw Error(std::string("DISTGN_COLLECTIVE_TIMEOUT=") + text +
+                ": give the seconds a collective may wait for the other ranks (0 = no timeout)");
+  return seconds;
+}
+
 bool launched_by_mpirun() {
   for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"})
     if (std::getenv(name)) return true;
@@ -37,7 +52,9 @@ std::shared_ptr<Communicator> make_communicator(const std::string& name) {
   if (name == "local" || (name == "auto" && !launched_by_mpirun())) return local_communicator();
   if (name == "mpi" || name == "auto") {
 #if DISTGN_WITH_MPI
-    return mpi_communicator(mpi_world());
+    MpiOptions options;
+    options.collective_timeout_s = collective_timeout_seconds();
+    return mpi_communicator(mpi_world(), options);
 #else
     throw Error("--comm " + name + ": this build of distgn has no MPI (install libopenmpi-dev and rebuild)");
 #endif

@@ -37,6 +37,7 @@ Record read_record(const uint8_t* in) {
 }  // namespace
 
 void GroupExchange::agree(const RankInput& input) {
+  const CollectiveLabel label("agreement of the ranks' inputs");
   const int ranks = group_.size();
   std::vector<uint8_t> mine(kRecordBytes), all(kRecordBytes * size_t(ranks));
   write_record({input.error.empty(), input.num_cells,
@@ -82,6 +83,7 @@ void GroupExchange::merge(const RankInput& input, std::vector<CellMoments>& mome
     if (!input.error.empty()) throw Error(input.error);
     return;
   }
+  const CollectiveLabel label("forward statistics of GroupNorm");
   const bool unchanged =
       agreed_ && input.error.empty() && input.signature == agreed_signature_;
   // Every rank takes the same path: once agreed, all run the steady-state
@@ -104,6 +106,7 @@ void GroupExchange::merge(const RankInput& input, std::vector<CellMoments>& mome
 
 void sum_or_raise(Communicator& comm, const std::string& error, double* values, size_t count,
                   size_t flag) {
+  const CollectiveLabel label("backward sums of GroupNorm");
   values[flag] = error.empty() ? 0.0 : 1.0;
   comm.allreduce_sum(values, count);
   if (!error.empty()) throw Error(error);
