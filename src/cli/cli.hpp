@@ -61,8 +61,9 @@ std::pair<int64_t, int64_t> split_range(int64_t n, int parts, int r);
 // is `a` itself, not a copy.
 HostArray shard(HostArray a, const Sharding& sharding, const Shape& x_shape, int rank,
                 int ranks, const char* name);
-// The inverse of shard() for arrays shaped like x: every rank gets the whole
-// array (one collective); with one rank it is `part` itself.
+// The inverse of shard() for arrays shaped like x: rank 0 gets the whole
+// array, the others an empty one (one rooted gather); with one rank it is
+// `part` itself.
 HostArray unshard(Communicator& comm, HostArray part, const Sharding& sharding, const Shape& whole_shape);
 
 // ---- memory (sharding.cpp) ----

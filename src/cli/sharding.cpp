@@ -114,47 +114,33 @@ HostArray shard(HostArray a, const Sharding& sharding, const Shape& x_shape, int
   return a;
 }
 
-// Every rank's bytes, on every rank (sizes may differ): rank r's part is
-// sizes[r] bytes from r * largest in `all`.
-struct Gathered {
-  std::vector<size_t> sizes;
-  size_t largest = 0;
-  std::vector<uint8_t> all;
-  const uint8_t* part(int r) const { return all.data() + largest * size_t(r); }
-};
-static Gathered gather_all(Communicator& comm, std::vector<uint8_t> mine) {
-  const int ranks = comm.size();
-  const double size = double(mine.size());
-  std::vector<double> sizes(static_cast<size_t>(ranks));
-  comm.allgather(&size, 1, sizes.data());
-  Gathered g;
-  for (double s : sizes) g.sizes.push_back(size_t(s));
-  g.largest = *std::max_element(g.sizes.begin(), g.sizes.end());
-  mine.resize(g.largest);
-  g.all = allocate(int64_t(g.largest) * ranks, "gathering the parts of every rank");
-  comm.allgather(mine.data(), g.largest, g.all.data());
-  return g;
-}
-
-// The inverse of shard(): the whole array from every rank's part.
+// The inverse of shard(): the whole array from every rank's part, on rank 0
+// only (the rank that writes it; the others get an empty array).
 HostArray unshard(Communicator& comm, HostArray part, const Sharding& sharding, const Shape& whole_shape) {
   if (sharding.mode == Sharding::Mode::none || comm.size() == 1) return part;
-  const Gathered g = gather_all(comm, std::move(part.bytes));
+  std::vector<uint8_t> parts = comm.gather(part.bytes.data(), part.bytes.size(), 0);
+  part.bytes = std::vector<uint8_t>();  // frees this rank's part
+  if (comm.rank() != 0) return {};
+  // Under ranks_axis the parts in rank order are the whole array already.
+  if (sharding.mode == Sharding::Mode::ranks_axis) return {whole_shape, part.dtype, std::move(parts)};
   HostArray whole{whole_shape, part.dtype,
                   allocate(element_count(whole_shape) * dtype_size(part.dtype),
                            "the whole output " + shape_string(whole_shape))};
-  uint8_t* out = whole.bytes.data();
-  if (sharding.mode == Sharding::Mode::ranks_axis) {
-    for (int r = 0; r < comm.size(); ++r) out = std::copy_n(g.part(r), g.sizes[size_t(r)], out);
-    return whole;
-  }
   const AxisSplit s = around(whole_shape, sharding.axis);
   const int64_t row = s.inner * dtype_size(part.dtype);
+  std::vector<const uint8_t*> from;  // where each rank's part begins in `parts`
+  int64_t offset = 0;
+  for (int r = 0; r < comm.size(); ++r) {
+    from.push_back(parts.data() + offset);
+    const auto [begin, end] = split_range(s.extent, comm.size(), r);
+    offset += s.outer * (end - begin) * row;
+  }
+  uint8_t* out = whole.bytes.data();
   for (int64_t o = 0; o < s.outer; ++o)
     for (int r = 0; r < comm.size(); ++r) {
       const auto [begin, end] = split_range(s.extent, comm.size(), r);
       const int64_t chunk = (end - begin) * row;
-      out = std::copy_n(g.part(r) + o * chunk, chunk, out);
+      out = std::copy_n(from[size_t(r)] + o * chunk, chunk, out);
     }
   return whole;
 }

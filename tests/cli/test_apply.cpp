@@ -998,6 +998,42 @@ TEST_CASE("cli apply: one rank holds only the inputs and outputs in memory", "[c
   }
 }
 
+// Issue 13: only rank 0, which writes the outputs, assembles them (a rooted
+// gather); every rank used to receive the whole y and dx.
+TEST_CASE("cli apply: under mpiexec the other ranks do not hold the whole outputs", "[cli][mpi]") {
+  if (const std::string why = mpi_unavailable(); !why.empty()) {
+    WARN("skipped: " << why);
+    return;
+  }
+  if (!fs::exists("/usr/bin/time")) {
+    WARN("skipped: no /usr/bin/time to measure the peak resident memory");
+    return;
+  }
+  TempDir dir;
+  const Shape shape{1, 256, 256, 128};
+  const double tensor = double(element_count(shape)) * 4;  // 32 MiB of float32
+  write_floats(dir / "x.npy", shape, 1);
+  write_floats(dir / "dy.npy", shape, 2);
+  write_floats(dir / "x_tiny.npy", {1, 2, 2, 128}, 3);
+  write_floats(dir / "dy_tiny.npy", {1, 2, 2, 128}, 4);
+  // Rank 1's peak resident bytes for x<suffix>.npy with backward on 2 ranks.
+  auto rank_1_peak = [&](const std::string& suffix) {
+    const std::string options = " --num-groups 32 --shard-axis 1 --x x" + suffix + ".npy --dy dy" + suffix +
+                                ".npy --y out_y.npy --dx out_dx.npy";
+    const std::string rank_command =
+        "exec /usr/bin/time -f %M -o rss.${OMPI_COMM_WORLD_RANK:-${PMIX_RANK:-${PMI_RANK}}} " + apply_command(options);
+    const Result r = run(mpiexec() + " -n 2 sh -c " + quote(rank_command), dir);
+    INFO("stderr: " << r.err);
+    REQUIRE(r.status == 0);
+    return std::stod(slurp(dir / "rss.1")) * 1024;  // KiB
+  };
+  // x and dy whole while they are loaded and split (2x at most), then its
+  // halves of x, dy, y and dx; the whole y and dx would make it 3x or more.
+  const double used = rank_1_peak("") - rank_1_peak("_tiny");
+  INFO("rank 1's peak beyond the program: " << used / tensor << " x the tensor");
+  CHECK(used < 2.6 * tensor);
+}
+
 // The same check seen from two ranks: both exit 2, nothing is written.
 TEST_CASE("cli apply: --dscale with --no-scale under mpiexec fails on every rank", "[cli][mpi][errors]") {
   if (const std::string why = mpi_unavailable(); !why.empty()) {
