@@ -21,7 +21,11 @@ cmake -S . -B build-sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS
 cmake --build build-sanitize -j "$jobs"
 # halt_on_error: the first report fails the test; the suppressions cover only
 # the MPI stack's process-lifetime allocations (tests/sanitize/lsan.supp).
-export ASAN_OPTIONS="halt_on_error=1:abort_on_error=0:detect_leaks=1:print_stacktrace=1:strict_string_checks=1:detect_stack_use_after_return=1"
+# Those need whole stacks: fast_unwind_on_malloc=0, since Open MPI is built
+# without frame pointers, and its and PMIx's components kept loaded at exit
+# (disable_dlclose), or their frames have no library name to match.
+export ASAN_OPTIONS="halt_on_error=1:detect_leaks=1:print_stacktrace=1:strict_string_checks=1:detect_stack_use_after_return=1:fast_unwind_on_malloc=0"
+export OMPI_MCA_mca_base_component_disable_dlclose=1 PMIX_MCA_mca_base_component_disable_dlclose=1
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export LSAN_OPTIONS="suppressions=$PWD/tests/sanitize/lsan.supp:print_suppressions=0"
 cd build-sanitize
