@@ -45,7 +45,9 @@ DType parse_dtype(const std::string& name);
 // "nhwc" (channels_last) or "nchw" (channels_first).
 std::string layout_name(Layout layout);
 Layout parse_layout(const std::string& name);
-// Number of elements of a shape (1 for rank 0).
+// Number of elements of a shape (1 for rank 0). Throws distgn::Error naming
+// the shape if an extent is negative or the non-zero extents multiply past
+// int64 (even if another extent is 0: such a shape is corrupt, not empty).
 int64_t element_count(const Shape& shape);
 // "(2, 5, 4)": numpy's spelling, used in error messages.
 std::string shape_string(const Shape& shape);

@@ -45,9 +45,21 @@ Layout parse_layout(const std::string& name) {
 }
 
 int64_t element_count(const Shape& shape) {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  return n;
+  // The non-zero extents must multiply within int64 even when a zero extent
+  // makes the count 0: no real array is (2^32, 2^32, 0), and strides, cell
+  // counts and sizes computed from the other extents would overflow.
+  int64_t nonzero_product = 1;
+  bool empty = false;
+  for (int64_t d : shape) {
+    if (d < 0) throw Error("shape " + shape_string(shape) + " has a negative dimension");
+    if (d == 0) {
+      empty = true;
+    } else if (__builtin_mul_overflow(nonzero_product, d, &nonzero_product)) {
+      throw Error("shape " + shape_string(shape) +
+                  " is too large: its extents multiply past 2^63 - 1 (int64 overflow)");
+    }
+  }
+  return empty ? 0 : nonzero_product;
 }
 
 std::string shape_string(const Shape& shape) {
