@@ -134,6 +134,7 @@ class MpiCommunicator final : public Communicator {
       pending.add(request, r);
     }
     complete(call, pending);
+    pending = Pending{};
     uint64_t total = 0;
     for (uint64_t s : sizes) total += s;
     result.resize(size_t(total));
@@ -257,7 +258,11 @@ class MpiCommunicator final : public Communicator {
       check(MPI_Waitall(int(pending.requests.size()), pending.requests.data(), MPI_STATUSES_IGNORE), call.op);
       return;
     }
-    const auto since = [&](Clock::time_point t) { return std::chrono::duration<double>(t - call.start).count(); };
+    // Time this rank spent waiting, not time it was itself stopped: a rank
+    // resumed after a SIGSTOP (or as the launcher SIGCONTs it to kill it)
+    // must not blame ranks that were waiting for it.
+    double waited = 0;
+    Clock::time_point last = call.start;
     const double give_up = options_.collective_timeout_s + kNoticeAfterSeconds + 0.25;
     size_t left = pending.requests.size();
     std::vector<int> done(pending.requests.size());
@@ -274,8 +279,9 @@ class MpiCommunicator final : public Communicator {
       left -= size_t(count);
       if (left == 0) return;
       const Clock::time_point now = Clock::now();
+      waited += std::min(0.1, std::chrono::duration<double>(now - last).count());
+      last = now;
       if (now - call.start < kSpin) continue;
-      const double waited = since(now);
       if (waited >= kNoticeAfterSeconds) {
         if (!noticed) send_notices(call.seq);
         noticed = true;
