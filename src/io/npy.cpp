@@ -48,22 +48,29 @@ std::string shape_repr(const Shape& shape) {
   return text + ")";
 }
 
-// Bytes the data of a shape takes; false if that does not fit an int64.
-// Dimensions must be non-negative.
+// Bytes the data of a shape takes; false if they, or the bytes with every
+// zero extent taken as 1, do not fit an int64: numpy accepts (2^32, 2^32, 0),
+// but only a corrupt or hostile header holds it, and sizes computed from its
+// other extents would overflow. Dimensions must be non-negative.
 bool data_size(const Shape& shape, NpyType type, int64_t* size) {
-  int64_t bytes = npy_type_size(type);
+  int64_t nonzero_bytes = npy_type_size(type);
+  bool empty = false;
   for (int64_t d : shape) {
-    if (d == 0) {  // numpy allows (0, huge): no data, whatever the rest.
-      *size = 0;
-      return true;
+    if (d == 0) {
+      empty = true;
+    } else if (__builtin_mul_overflow(nonzero_bytes, d, &nonzero_bytes)) {
+      return false;
     }
   }
-  for (int64_t d : shape) {
-    if (bytes > std::numeric_limits<int64_t>::max() / d) return false;
-    bytes *= d;
-  }
-  *size = bytes;
+  *size = empty ? 0 : nonzero_bytes;
   return true;
+}
+
+bool has_zero_extent(const Shape& shape) {
+  for (int64_t d : shape) {
+    if (d == 0) return true;
+  }
+  return false;
 }
 
 std::string describe(const Shape& shape, NpyType type) {
@@ -378,11 +385,7 @@ std::string npy_descr(NpyType type) {
   throw Error("unknown NpyType");
 }
 
-int64_t NpyArray::size() const {
-  int64_t count = 1;
-  for (int64_t d : shape) count *= d;
-  return count;
-}
+int64_t NpyArray::size() const { return element_count(shape); }
 
 NpyArray read_npy(const std::string& path) {
   File file(std::fopen(path.c_str(), "rb"));
@@ -430,7 +433,11 @@ NpyArray read_npy(const std::string& path) {
   }
   int64_t expected = 0;
   if (!data_size(header.shape, type, &expected)) {
-    fail(path, describe(header.shape, type) + " is too large (over 2^63 bytes)");
+    fail(path, describe(header.shape, type) +
+                   (has_zero_extent(header.shape)
+                        ? " is too large: it has no elements, but its other extents multiply past 2^63 bytes, "
+                          "which no real array does; the header is corrupt"
+                        : " is too large (over 2^63 bytes)"));
   }
   const uint64_t available = file_size - header_start - header_size;
   if (available < uint64_t(expected)) {

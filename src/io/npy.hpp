@@ -22,13 +22,16 @@ struct NpyArray {
   Shape shape;
   NpyType type = NpyType::f4;
   std::vector<uint8_t> bytes;  // little-endian, C order
-  int64_t size() const;        // element count (1 for shape ())
+  // Element count (1 for shape ()); throws distgn::Error for a shape
+  // element_count rejects (negative or overflowing extents).
+  int64_t size() const;
 };
 
 // Reads format versions 1.0, 2.0 and 3.0. Every problem (missing file, bad
-// header, unsupported dtype, Fortran order, truncated or trailing data) is a
-// distgn::Error naming the file; sizes are checked against the file before
-// anything is allocated.
+// header, unsupported dtype, Fortran order, truncated or trailing data, a
+// shape whose extents multiply past int64 even with a zero extent among them)
+// is a distgn::Error naming the file; sizes are checked against the file
+// before anything is allocated.
 NpyArray read_npy(const std::string& path);
 
 // Writes exactly the bytes np.save writes for the same array. Atomic: goes to

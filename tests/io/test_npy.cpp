@@ -585,6 +585,37 @@ TEST_CASE("npy: unreadable and malformed files are errors naming the file") {
   }
 }
 
+TEST_CASE("npy: a shape whose extents overflow int64 is an error, even when it has no elements", "[npy]") {
+  TempDir dir;
+  const auto empty_f4 = [](const std::string& shape) {
+    return npy_file("{'descr': '<f4', 'fortran_order': False, 'shape': " + shape + ", }", "");
+  };
+  // 0 elements, but 2^64 * 8 of anything sized from the other extents.
+  const std::string message = error_for_bytes(dir, empty_f4("(4294967296, 4294967296, 0, 8)"));
+  INFO(message);
+  CHECK(contains(message, "(4294967296, 4294967296, 0, 8)"));
+  CHECK(contains(message, "too large"));
+  CHECK(contains(error_for_bytes(dir, empty_f4("(0, 1099511627776, 1099511627776)")), "too large"));
+  // Elements alone fit (2^61) but their bytes do not (2^63).
+  CHECK(contains(error_for_bytes(dir, empty_f4("(2305843009213693952, 0)")), "too large"));
+
+  // Empty with large extents whose bytes fit (2^62): read, and nothing allocated.
+  const std::string path = dir.file("empty.npy");
+  write_file(path, empty_f4("(1099511627776, 0, 1048576)"));
+  const NpyArray a = distgn::io::read_npy(path);
+  CHECK(a.shape == Shape{int64_t(1) << 40, 0, int64_t(1) << 20});
+  CHECK(a.size() == 0);
+  CHECK(a.bytes.empty());
+}
+
+TEST_CASE("npy: NpyArray::size of a shape that overflows int64 is an error", "[npy]") {
+  CHECK_THROWS_AS(array_of({int64_t(1) << 40, int64_t(1) << 40}, NpyType::u1, std::vector<uint8_t>{}).size(),
+                  Error);
+  CHECK_THROWS_AS(array_of({int64_t(1) << 32, int64_t(1) << 32, 0}, NpyType::u1, std::vector<uint8_t>{}).size(),
+                  Error);
+  CHECK(array_of({2, 0, 3}, NpyType::u1, std::vector<uint8_t>{}).size() == 0);
+}
+
 TEST_CASE("npy: write_npy replaces files atomically and leaves nothing on failure") {
   TempDir dir;
   const std::vector<float> values = {1, 2, 3};
