@@ -1,5 +1,7 @@
 #include "io/npy.hpp"
 
+#include <fcntl.h>
+#include <limits.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -461,6 +463,82 @@ NpyArray read_npy(const std::string& path) {
   return array;
 }
 
+namespace {
+
+// The name a write to path lands on: path itself, or where its chain of
+// symbolic links ends (an existing file, or the name a dangling link creates).
+std::string link_target(const std::string& path) {
+  std::string name = path;
+  // The kernel's own limit (MAXSYMLINKS); also ends a loop made while we walk.
+  for (int links = 0; links < 40; ++links) {
+    struct stat status;
+    if (lstat(name.c_str(), &status) != 0 || !S_ISLNK(status.st_mode)) return name;
+    char buffer[PATH_MAX];
+    const ssize_t length = readlink(name.c_str(), buffer, sizeof buffer);
+    if (length < 0) fail(path, "cannot write: cannot read the symbolic link " + name + ": " + errno_text(errno));
+    if (size_t(length) == sizeof buffer) fail(path, "cannot write: the symbolic link " + name + " is too long");
+    const std::string link(buffer, size_t(length));
+    // A relative link is relative to the directory holding it.
+    name = link[0] == '/' ? link : name.substr(0, name.rfind('/') + 1) + link;
+  }
+  fail(path, "cannot write: too many levels of symbolic links");
+}
+
+// Writes the header and data to file and closes it; returns the errno of the
+// first failure, 0 if none. sync: on disk before closing (regular files only;
+// devices and pipes cannot fsync).
+int write_and_close(std::FILE* file, const std::string& header, const void* data, int64_t size, bool sync) {
+  int err = 0;
+  const auto check = [&](bool ok) {
+    if (!ok && err == 0) err = errno != 0 ? errno : EIO;
+  };
+  check(std::fwrite(header.data(), 1, header.size(), file) == header.size());
+  if (err == 0 && size > 0) check(std::fwrite(data, 1, size_t(size), file) == size_t(size));
+  if (err == 0) check(std::fflush(file) == 0);
+  if (err == 0 && sync) check(fsync(fileno(file)) == 0);
+  check(std::fclose(file) == 0);
+  return err;
+}
+
+// A new file next to target, renamed over it: target is replaced atomically,
+// and a failure never leaves a partial file under its name.
+void write_replacing(const std::string& path, const std::string& target, const std::string& header,
+                     const void* data, int64_t size) {
+  const std::string temp_path = target + ".tmp." + std::to_string(getpid());
+  std::FILE* file = std::fopen(temp_path.c_str(), "wb");
+  if (file == nullptr) fail(path, "cannot write: cannot create " + temp_path + ": " + errno_text(errno));
+  // On disk before the rename, so a crash cannot leave a complete-looking
+  // name on an empty file.
+  int err = write_and_close(file, header, data, size, true);
+  if (err != 0) {
+    std::remove(temp_path.c_str());
+    fail(path, "cannot write " + temp_path + ": " + errno_text(err));
+  }
+  if (std::rename(temp_path.c_str(), target.c_str()) != 0) {
+    err = errno;
+    std::remove(temp_path.c_str());
+    fail(path, "cannot rename " + temp_path + " to " + target + ": " + errno_text(err));
+  }
+}
+
+// A device, FIFO or socket is written to, as a shell's `> path` does, never
+// replaced by a regular file: it exists (no O_CREAT) and truncating means
+// nothing to it. A FIFO's open waits for a reader.
+void write_in_place(const std::string& path, const std::string& header, const void* data, int64_t size) {
+  const int fd = open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) fail(path, "cannot open for writing: " + errno_text(errno));
+  std::FILE* file = fdopen(fd, "wb");
+  if (file == nullptr) {
+    const int err = errno;
+    close(fd);
+    fail(path, "cannot write: " + errno_text(err));
+  }
+  const int err = write_and_close(file, header, data, size, false);
+  if (err != 0) fail(path, "cannot write: " + errno_text(err));
+}
+
+}  // namespace
+
 void write_npy(const std::string& path, const Shape& shape, NpyType type, const void* data) {
   for (int64_t d : shape) {
     if (d < 0) fail(path, "cannot write shape " + shape_repr(shape) + ": negative dimension");
@@ -470,33 +548,17 @@ void write_npy(const std::string& path, const Shape& shape, NpyType type, const 
   if (size > 0 && data == nullptr) fail(path, "cannot write " + describe(shape, type) + ": no data given");
   const std::string header = preamble_and_header(shape, type);
 
-  const std::string temp_path = path + ".tmp." + std::to_string(getpid());
-  std::FILE* file = std::fopen(temp_path.c_str(), "wb");
-  if (file == nullptr) fail(path, "cannot write: cannot create " + temp_path + ": " + errno_text(errno));
-  bool failed = false;
-  int err = 0;
-  const auto check = [&](bool ok) {
-    if (!ok && !failed) {
-      failed = true;
-      err = errno;
+  struct stat status;  // of what path names, through any symbolic links
+  if (stat(path.c_str(), &status) == 0) {
+    if (S_ISDIR(status.st_mode)) fail(path, "cannot write: it is a directory");
+    if (!S_ISREG(status.st_mode)) {
+      write_in_place(path, header, data, size);
+      return;
     }
-  };
-  check(std::fwrite(header.data(), 1, header.size(), file) == header.size());
-  if (!failed && size > 0) check(std::fwrite(data, 1, size_t(size), file) == size_t(size));
-  if (!failed) check(std::fflush(file) == 0);
-  // On disk before the rename, so a crash cannot leave a complete-looking
-  // name on an empty file.
-  if (!failed) check(fsync(fileno(file)) == 0);
-  check(std::fclose(file) == 0);
-  if (failed) {
-    std::remove(temp_path.c_str());
-    fail(path, "cannot write " + temp_path + ": " + errno_text(err));
+  } else if (errno != ENOENT) {
+    fail(path, "cannot write: " + errno_text(errno));
   }
-  if (std::rename(temp_path.c_str(), path.c_str()) != 0) {
-    err = errno;
-    std::remove(temp_path.c_str());
-    fail(path, "cannot rename " + temp_path + " to it: " + errno_text(err));
-  }
+  write_replacing(path, link_target(path), header, data, size);
 }
 
 void write_npy(const std::string& path, const NpyArray& array) {

@@ -34,8 +34,13 @@ struct NpyArray {
 // before anything is allocated.
 NpyArray read_npy(const std::string& path);
 
-// Writes exactly the bytes np.save writes for the same array. Atomic: goes to
-// "<path>.tmp.<pid>", then renamed, so a failure never leaves a partial file.
+// Writes exactly the bytes np.save writes for the same array. A regular file
+// or new name is written atomically: to "<name>.tmp.<pid>" in the same
+// directory, then renamed, so a failure never leaves a partial file. A
+// symbolic link is written through: its final target is replaced that way
+// (or created, if the link dangles) and the link stays. A character device,
+// FIFO or socket is opened and written to, never replaced (a FIFO waits for
+// a reader). A directory is an error.
 // data holds element_count(shape) elements of type; it may be null if that is 0.
 void write_npy(const std::string& path, const Shape& shape, NpyType type, const void* data);
 void write_npy(const std::string& path, const NpyArray& array);

@@ -3,9 +3,13 @@
 // the suite checks compatibility with numpy without needing Python.
 #include <catch2/catch.hpp>
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -15,6 +19,7 @@
 #include <iterator>
 #include <limits>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "distgn/error.hpp"
@@ -151,6 +156,17 @@ void write_file(const std::string& path, const std::string& bytes) {
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+ino_t inode_of(const std::string& path) {
+  struct stat status;
+  REQUIRE(lstat(path.c_str(), &status) == 0);
+  return status.st_ino;
+}
+
+// How many names the directory holds (a leftover temp file would be one).
+std::ptrdiff_t entries(const TempDir& dir) {
+  return std::distance(fs::directory_iterator(dir.path), fs::directory_iterator());
 }
 
 // A .npy file with the given header dict and data, unpadded (readers must
@@ -631,13 +647,6 @@ TEST_CASE("npy: write_npy replaces files atomically and leaves nothing on failur
     }
     CHECK(fs::is_empty(dir.path));
   }
-  SECTION("target is a directory") {
-    const std::string path = dir.file("taken");
-    fs::create_directory(path);
-    CHECK_THROWS_AS(distgn::io::write_npy(path, {3}, NpyType::f4, values.data()), Error);
-    CHECK(fs::is_directory(path));
-    CHECK(std::distance(fs::directory_iterator(dir.path), fs::directory_iterator()) == 1);
-  }
   SECTION("invalid shapes") {
     CHECK_THROWS_AS(distgn::io::write_npy(dir.file("neg.npy"), {3, -1}, NpyType::f4, values.data()), Error);
     CHECK_THROWS_AS(distgn::io::write_npy(dir.file("null.npy"), {3}, NpyType::f4, nullptr), Error);
@@ -646,8 +655,123 @@ TEST_CASE("npy: write_npy replaces files atomically and leaves nothing on failur
   SECTION("an existing file is replaced, with no temp file left") {
     const std::string path = dir.file("out.npy");
     write_file(path, "old contents");
+    const ino_t old_inode = inode_of(path);
     distgn::io::write_npy(path, {3}, NpyType::f4, values.data());
     CHECK(distgn::io::read_npy(path).bytes == bytes_of(values));
-    CHECK(std::distance(fs::directory_iterator(dir.path), fs::directory_iterator()) == 1);
+    // A new file renamed over the old one: a reader of the old one never sees a mix.
+    CHECK(inode_of(path) != old_inode);
+    CHECK(entries(dir) == 1);
+  }
+}
+
+TEST_CASE("npy: write_npy writes through symbolic links and into devices and FIFOs, never replacing them",
+          "[npy]") {
+  TempDir dir;
+  const std::vector<float> values = {1, 2, 3};
+  const auto write = [&](const std::string& path) { distgn::io::write_npy(path, {3}, NpyType::f4, values.data()); };
+  // The bytes write_npy puts in a plain new file.
+  write(dir.file("reference.npy"));
+  const std::string expected = read_file(dir.file("reference.npy"));
+  fs::remove(dir.file("reference.npy"));
+
+  SECTION("a character device is written to, not replaced") {
+    // The null device (1, 3), as `--y /dev/null` would name it.
+    const std::string path = dir.file("null");
+    if (mknod(path.c_str(), S_IFCHR | 0666, makedev(1, 3)) != 0) {
+      WARN("skipped: cannot mknod a character device here (needs root): " << std::strerror(errno));
+      return;  // Catch2 v2 has no SKIP
+    }
+    write(path);
+    CHECK(fs::is_character_file(fs::symlink_status(path)));
+    CHECK(entries(dir) == 1);
+
+    // The full device (1, 7): its write error is reported, naming the path.
+    const std::string full = dir.file("full");
+    REQUIRE(mknod(full.c_str(), S_IFCHR | 0666, makedev(1, 7)) == 0);
+    try {
+      write(full);
+      FAIL("write_npy(" << full << ") did not throw");
+    } catch (const Error& e) {
+      INFO(e.what());
+      CHECK(contains(e.what(), full));
+      CHECK(contains(e.what(), std::strerror(ENOSPC)));
+    }
+    CHECK(fs::is_character_file(fs::symlink_status(full)));
+    CHECK(entries(dir) == 2);
+  }
+  SECTION("a symbolic link to a regular file stays a link and its target gets the data") {
+    write_file(dir.file("target.npy"), "old contents");
+    fs::create_symlink("target.npy", dir.file("link.npy"));
+    fs::create_symlink("link.npy", dir.file("link_to_link.npy"));
+    write(dir.file("link_to_link.npy"));
+    CHECK(fs::read_symlink(dir.file("link_to_link.npy")) == "link.npy");
+    CHECK(fs::read_symlink(dir.file("link.npy")) == "target.npy");
+    CHECK(fs::is_regular_file(fs::symlink_status(dir.file("target.npy"))));
+    CHECK(read_file(dir.file("target.npy")) == expected);
+    CHECK(entries(dir) == 3);
+  }
+  SECTION("a dangling symbolic link creates its target") {
+    fs::create_directory(dir.file("sub"));
+    fs::create_symlink("sub/new.npy", dir.file("link.npy"));
+    write(dir.file("link.npy"));
+    CHECK(fs::read_symlink(dir.file("link.npy")) == "sub/new.npy");
+    CHECK(read_file(dir.file("sub/new.npy")) == expected);
+    CHECK(entries(dir) == 2);
+  }
+  SECTION("a FIFO is written to while a reader drains it") {
+    const std::string path = dir.file("pipe");
+    REQUIRE(mkfifo(path.c_str(), 0600) == 0);
+    // Open before writing, without blocking, so a wrong write_npy fails the
+    // test instead of hanging it. 1 MiB overfills the pipe: the writer must
+    // wait for the reader.
+    const std::vector<float> big(size_t(1) << 18, 2.5f);
+    const int reader = open(path.c_str(), O_RDONLY | O_NONBLOCK);
+    REQUIRE(reader >= 0);
+    std::atomic<bool> written{false};
+    std::string write_error;
+    std::thread writer([&] {
+      try {
+        distgn::io::write_npy(path, {int64_t(big.size())}, NpyType::f4, big.data());
+      } catch (const Error& e) {
+        write_error = e.what();
+      }
+      written = true;
+    });
+    std::string received;
+    char buffer[65536];
+    while (true) {
+      const bool done = written;  // read before draining, so nothing written after is missed
+      const ssize_t n = read(reader, buffer, sizeof buffer);
+      if (n > 0) received.append(buffer, size_t(n));
+      else if (done) break;
+      else std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    writer.join();
+    close(reader);
+    CHECK(write_error == "");
+    CHECK(fs::is_fifo(fs::symlink_status(path)));
+    CHECK(entries(dir) == 1);
+    distgn::io::write_npy(dir.file("big.npy"), {int64_t(big.size())}, NpyType::f4, big.data());
+    const std::string expected_big = read_file(dir.file("big.npy"));
+    CHECK(received.size() == expected_big.size());
+    CHECK((received == expected_big));  // not expanded: 1 MiB
+  }
+  SECTION("a directory, or a link to one, is an error naming it") {
+    fs::create_directory(dir.file("taken"));
+    fs::create_symlink("taken", dir.file("link"));
+    for (const std::string name : {"taken", "link"}) {
+      const std::string path = dir.file(name);
+      try {
+        write(path);
+        FAIL("write_npy(" << path << ") did not throw");
+      } catch (const Error& e) {
+        INFO(e.what());
+        CHECK(contains(e.what(), path));
+        CHECK(contains(e.what(), "is a directory"));
+      }
+    }
+    CHECK(fs::is_symlink(dir.file("link")));
+    CHECK(fs::is_empty(dir.file("taken")));
+    CHECK(entries(dir) == 2);
   }
 }
