@@ -118,14 +118,21 @@ class DeviceCollectives {
 
 // Wraps an NCCL communicator and the stream its collectives run on; the
 // caller owns both and keeps them alive. split() makes communicators (and
-// streams) of its own with ncclCommSplit.
-std::shared_ptr<Communicator> nccl_communicator(ncclComm* comm, CUstream_st* stream);
+// streams) of its own with ncclCommSplit, with the same timeout. A host
+// collective still unfinished after `collective_timeout_s` seconds (0 =
+// forever) writes which call timed out to stderr, ncclCommAbort()s and exits
+// the process (the launcher then ends the job); NCCL cannot tell which rank
+// is missing. The device collectives are asynchronous: the caller's own
+// synchronisation decides how long they are waited for.
+std::shared_ptr<Communicator> nccl_communicator(ncclComm* comm, CUstream_st* stream,
+                                                double collective_timeout_s = kDefaultCollectiveTimeoutSeconds);
 #if DISTGN_WITH_MPI
 // Bootstraps NCCL over the ranks of `comm` on CUDA device `device` (rank 0
 // makes the unique id, MPI_Bcast shares it), with a stream of its own; both
 // are released with the result. Collective over comm; raises on every rank
-// if one rank fails.
-std::shared_ptr<Communicator> nccl_communicator_from_mpi(MPI_Comm comm, int device);
+// if one rank fails. The timeout is nccl_communicator's.
+std::shared_ptr<Communicator> nccl_communicator_from_mpi(MPI_Comm comm, int device,
+                                                         double collective_timeout_s = kDefaultCollectiveTimeoutSeconds);
 #endif
 // The device collectives of `comm` if it is an NCCL communicator (not a
 // wrapper around one), else null.

@@ -68,7 +68,7 @@ std::shared_ptr<Communicator> make_communicator(const std::string& name) {
     int rank = 0;
     MPI_Comm_rank(world, &rank);
     const int devices = cuda::device_count();
-    return nccl_communicator_from_mpi(world, devices > 0 ? rank % devices : 0);
+    return nccl_communicator_from_mpi(world, devices > 0 ? rank % devices : 0, collective_timeout_seconds());
 #else
     throw Error("--comm nccl: this build of distgn has no NCCL (it needs CUDA, NCCL and MPI)");
 #endif

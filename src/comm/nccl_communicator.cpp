@@ -13,8 +13,12 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 
 #include "distgn/communicator.hpp"
 #include "distgn/error.hpp"
@@ -60,8 +64,11 @@ class DeviceScope {
 
 class NcclCommunicator final : public Communicator, public DeviceCollectives {
  public:
-  NcclCommunicator(ncclComm_t comm, cudaStream_t stream, bool owns_comm, bool owns_stream)
-      : comm_(comm), stream_(stream), owns_comm_(owns_comm), owns_stream_(owns_stream) {
+  NcclCommunicator(ncclComm_t comm, cudaStream_t stream, bool owns_comm, bool owns_stream, double timeout_s)
+      : comm_(comm), stream_(stream), owns_comm_(owns_comm), owns_stream_(owns_stream), timeout_s_(timeout_s) {
+    if (!(timeout_s_ >= 0))
+      throw Error("nccl_communicator: collective timeout must be >= 0 seconds (0 = none), got " +
+                  std::to_string(timeout_s_));
     check_nccl(ncclCommCuDevice(comm_, &device_), "ncclCommCuDevice", comm_);
     check_nccl(ncclCommUserRank(comm_, &rank_), "ncclCommUserRank", comm_);
     check_nccl(ncclCommCount(comm_, &size_), "ncclCommCount", comm_);
@@ -94,7 +101,7 @@ class NcclCommunicator final : public Communicator, public DeviceCollectives {
                   "-rank communicator");
     std::vector<uint8_t> result;
     const uint64_t mine = bytes;
-    std::vector<uint64_t> sizes(size_t(size_));
+    std::vector<uint64_t> sizes(static_cast<size_t>(size_));
     host_allgather(&mine, 1, sizes.data(), ncclUint64, sizeof(uint64_t));
     uint64_t total = 0;
     for (uint64_t s : sizes) total += s;
@@ -109,7 +116,7 @@ class NcclCommunicator final : public Communicator, public DeviceCollectives {
       std::memcpy(host, send, bytes);
       check_cuda(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync");
       check_nccl(ncclSend(device, bytes, ncclUint8, root, comm_, stream_), "ncclSend", comm_);
-      check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+      finish("gather");
       return result;
     }
     check_nccl(ncclGroupStart(), "ncclGroupStart");
@@ -122,7 +129,7 @@ class NcclCommunicator final : public Communicator, public DeviceCollectives {
     }
     check_nccl(ncclGroupEnd(), "ncclGroupEnd", comm_);
     check_cuda(cudaMemcpyAsync(host, device, staged, cudaMemcpyDeviceToHost, stream_), "cudaMemcpyAsync");
-    check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    finish("gather");
     result.assign(host, host + staged);
     size_t own = 0;
     for (int r = 0; r < rank_; ++r) own += size_t(sizes[size_t(r)]);
@@ -139,7 +146,7 @@ class NcclCommunicator final : public Communicator, public DeviceCollectives {
     if (!part) throw Error("NCCL: ncclCommSplit gave this rank no communicator (negative color)");
     cudaStream_t stream = nullptr;
     check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
-    return std::make_unique<NcclCommunicator>(part, stream, true, true);
+    return std::make_unique<NcclCommunicator>(part, stream, true, true, timeout_s_);
   }
 
   // ---- DeviceCollectives: device pointers, asynchronous on stream() ----
@@ -184,7 +191,7 @@ class NcclCommunicator final : public Communicator, public DeviceCollectives {
     check_nccl(ncclAllReduce(device_buffer_, device_buffer_, count, type, ncclSum, comm_, stream_), "ncclAllReduce",
                comm_);
     check_cuda(cudaMemcpyAsync(host_buffer_, device_buffer_, bytes, cudaMemcpyDeviceToHost, stream_), "cudaMemcpyAsync");
-    check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    finish("allreduce");
     std::memcpy(data, host_buffer_, bytes);
   }
 
@@ -201,13 +208,53 @@ class NcclCommunicator final : public Communicator, public DeviceCollectives {
     check_nccl(ncclAllGather(device, device + bytes, count, type, comm_, stream_), "ncclAllGather", comm_);
     check_cuda(cudaMemcpyAsync(host + bytes, device + bytes, total, cudaMemcpyDeviceToHost, stream_),
                "cudaMemcpyAsync");
-    check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    finish("allgather");
     std::memcpy(recv, host + bytes, total);
+  }
+
+  // Waits for the stream like cudaStreamSynchronize, but polls it (and
+  // NCCL's asynchronous error) against the collective timeout: past it, the
+  // report goes to stderr, ncclCommAbort frees the GPU of the collective
+  // that will never finish, and the process exits so the launcher ends the
+  // job. NCCL does not say which peer is missing, so neither can the report.
+  void finish(const char* op) {
+    // Time spent waiting, not time this process was itself stopped.
+    double waited = 0;
+    auto last = std::chrono::steady_clock::now();
+    auto nap = std::chrono::microseconds(0);
+    for (;;) {
+      const cudaError_t state = cudaStreamQuery(stream_);
+      if (state == cudaSuccess) return;
+      if (state != cudaErrorNotReady) check_cuda(state, "cudaStreamQuery");
+      ncclResult_t async = ncclSuccess;
+      check_nccl(ncclCommGetAsyncError(comm_, &async), "ncclCommGetAsyncError", comm_);
+      check_nccl(async, op, comm_);
+      const auto now = std::chrono::steady_clock::now();
+      waited += std::min(0.1, std::chrono::duration<double>(now - last).count());
+      last = now;
+      if (timeout_s_ > 0 && waited >= timeout_s_) abort_job(op);
+      if (waited > 100e-6) {
+        nap = std::min(std::chrono::microseconds(1000), std::max(nap * 2, std::chrono::microseconds(10)));
+        std::this_thread::sleep_for(nap);
+      }
+    }
+  }
+
+  [[noreturn]] void abort_job(const char* op) {
+    const char* label = CollectiveLabel::current();
+    std::fprintf(stderr,
+                 "distgn: collective %s%s%s%s over NCCL timed out after %g s on rank %d of %d; NCCL does not say "
+                 "which rank(s) did not arrive (set DISTGN_COLLECTIVE_TIMEOUT to wait longer); aborting the job\n",
+                 op, label ? " (" : "", label ? label : "", label ? ")" : "", timeout_s_, rank_, size_);
+    std::fflush(stderr);
+    ncclCommAbort(comm_);
+    std::_Exit(EXIT_FAILURE);
   }
 
   ncclComm_t comm_;
   cudaStream_t stream_;
   bool owns_comm_, owns_stream_;
+  double timeout_s_;
   int device_ = 0, rank_ = 0, size_ = 1;
   void* device_buffer_ = nullptr;
   void* host_buffer_ = nullptr;
@@ -216,13 +263,13 @@ class NcclCommunicator final : public Communicator, public DeviceCollectives {
 
 }  // namespace
 
-std::shared_ptr<Communicator> nccl_communicator(ncclComm* comm, CUstream_st* stream) {
+std::shared_ptr<Communicator> nccl_communicator(ncclComm* comm, CUstream_st* stream, double collective_timeout_s) {
   if (!comm) throw Error("nccl_communicator: no NCCL communicator given");
-  return std::make_shared<NcclCommunicator>(comm, stream, false, false);
+  return std::make_shared<NcclCommunicator>(comm, stream, false, false, collective_timeout_s);
 }
 
 #if DISTGN_WITH_MPI
-std::shared_ptr<Communicator> nccl_communicator_from_mpi(MPI_Comm comm, int device) {
+std::shared_ptr<Communicator> nccl_communicator_from_mpi(MPI_Comm comm, int device, double collective_timeout_s) {
   int initialized = 0;
   MPI_Initialized(&initialized);
   if (!initialized) throw Error("nccl_communicator_from_mpi: MPI is not initialised (call MPI_Init first)");
@@ -256,7 +303,7 @@ std::shared_ptr<Communicator> nccl_communicator_from_mpi(MPI_Comm comm, int devi
     ncclCommDestroy(nccl);
     check_cuda(status, "cudaStreamCreateWithFlags");
   }
-  return std::make_shared<NcclCommunicator>(nccl, stream, true, true);
+  return std::make_shared<NcclCommunicator>(nccl, stream, true, true, collective_timeout_s);
 }
 #endif
 
