@@ -23,9 +23,10 @@ int l2() {
 cudaError_t cudaMalloc(void** p, size_t bytes) {
   const size_t n = (bytes + 255) / 256 * 256 + 256;
   *p = std::aligned_alloc(256, n);
+  if (!*p) return cudaErrorMemoryAllocation;
   std::memset(*p, 0xa5, n);  // garbage, as cudaMalloc gives
   allocations()[static_cast<const char*>(*p)] = n;
-  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+  return cudaSuccess;
 }
 cudaError_t cudaFree(void* p) {
   if (!p) return cudaSuccess;
