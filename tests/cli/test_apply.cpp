@@ -1,4 +1,4 @@
-// `distgn apply` run as a user runs it (DESIGN.md "The command-line tool"):
+// `distgn apply` run as a user runs it (README "The command-line tool"):
 // the real binary in a temporary directory, its exit status, its stderr and
 // the .npy files it writes.
 //
@@ -906,7 +906,7 @@ TEST_CASE("cli apply: invalid input under mpiexec fails on every rank without a 
 
 // Issue 13: running out of memory is an error like any other (it used to end
 // in std::terminate, exit 134). `ulimit -v` makes the memory small: 2 GB of
-// address space for buffers of 4 GiB, 200 MB for an input of 256 MiB.
+// address space (room for a CUDA build's libraries) for buffers of 4 GiB.
 TEST_CASE("cli: running out of memory exits 2 saying what did not fit, on every rank", "[cli][errors][mpi]") {
   TempDir dir;
   auto limited = [](const std::string& kilobytes, const std::string& command) {
@@ -914,11 +914,11 @@ TEST_CASE("cli: running out of memory exits 2 saying what did not fit, on every 
   };
   const std::string bench = quote(cli_path()) + " bench --shape 1,1024,1024,1024 --iters 1 --warmup 0";
   const std::string bench_message = "out of memory: the generated (1, 1024, 1024, 1024) array needs 4294967296 bytes";
-  // A .npy file of 256 MiB of zeros (sparse: only the header is written).
-  write_raw_npy(dir / "x_big.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1024, 1024, 64), }", {});
-  fs::resize_file(dir / "x_big.npy", fs::file_size(dir / "x_big.npy") + (size_t(1) << 28));
+  // A .npy file of 4 GiB of zeros (sparse: only the header is written).
+  write_raw_npy(dir / "x_big.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1024, 1024, 1024), }", {});
+  fs::resize_file(dir / "x_big.npy", fs::file_size(dir / "x_big.npy") + (size_t(1) << 32));
   const std::string apply = apply_command(" --x x_big.npy --y out_y.npy --num-groups 2");
-  const std::string apply_message = "out of memory: reading x_big.npy needs 268435584 bytes";
+  const std::string apply_message = "out of memory: reading x_big.npy needs 4294967424 bytes";
 
   SECTION("bench, one process") {
     const Result r = run(limited("2000000", bench), dir);
@@ -927,7 +927,7 @@ TEST_CASE("cli: running out of memory exits 2 saying what did not fit, on every 
     CHECK(occurrences(r.err, bench_message) == 1);
   }
   SECTION("apply, one process") {
-    check_rejected(run(limited("200000", apply), dir), apply_message, dir);
+    check_rejected(run(limited("2000000", apply), dir), apply_message, dir);
   }
   // No elements but 2^31 x 2 groups = 2^32 cells of statistics (96 GiB).
   SECTION("apply, a zero-size x of 2^32 cells") {
@@ -952,7 +952,7 @@ TEST_CASE("cli: running out of memory exits 2 saying what did not fit, on every 
     CHECK(occurrences(r.err, bench_message) == 2);
   }
   SECTION("apply, mpiexec -n 2") {
-    const Result r = run(limited("200000", mpi + apply + " --shard-axis 1"), dir);
+    const Result r = run(limited("2000000", mpi + apply + " --shard-axis 1"), dir);
     INFO("stderr: " << r.err);
     CHECK(r.status != 124);
     CHECK(rank_statuses(dir, 2) == std::vector<int>{2, 2});
@@ -960,6 +960,14 @@ TEST_CASE("cli: running out of memory exits 2 saying what did not fit, on every 
     CHECK(outputs(dir).empty());
   }
 }
+
+// With --backend cuda on tests/cuda/emulator, device memory is host memory:
+// every array the tool copies to the device counts twice in the peak.
+#ifdef DISTGN_CLI_DEVICE_IS_HOST
+constexpr double kHostCopies = 2;
+#else
+constexpr double kHostCopies = 1;
+#endif
 
 // Issue 13: one rank runs on the loaded arrays themselves; the tool used to
 // copy them into a shard and the outputs out of one (about 4x x's size
@@ -989,12 +997,12 @@ TEST_CASE("cli apply: one rank holds only the inputs and outputs in memory", "[c
   SECTION("forward: x and y") {
     const double used = peak("", false) - peak("_tiny", false);
     INFO("peak beyond the program: " << used / tensor << " x the tensor");
-    CHECK(used < 2.5 * tensor);
+    CHECK(used < 2.5 * kHostCopies * tensor);
   }
   SECTION("backward: x, dy, y and dx") {
     const double used = peak("", true) - peak("_tiny", true);
     INFO("peak beyond the program: " << used / tensor << " x the tensor");
-    CHECK(used < 4.5 * tensor);
+    CHECK(used < 4.5 * kHostCopies * tensor);
   }
 }
 
@@ -1031,7 +1039,7 @@ TEST_CASE("cli apply: under mpiexec the other ranks do not hold the whole output
   // halves of x, dy, y and dx; the whole y and dx would make it 3x or more.
   const double used = rank_1_peak("") - rank_1_peak("_tiny");
   INFO("rank 1's peak beyond the program: " << used / tensor << " x the tensor");
-  CHECK(used < 2.6 * tensor);
+  CHECK(used < 2.6 * kHostCopies * tensor);
 }
 
 // The same check seen from two ranks: both exit 2, nothing is written.
