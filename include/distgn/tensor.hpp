@@ -49,6 +49,9 @@ Layout parse_layout(const std::string& name);
 // the shape if an extent is negative or the non-zero extents multiply past
 // int64 (even if another extent is 0: such a shape is corrupt, not empty).
 int64_t element_count(const Shape& shape);
+// Bytes of a dense array of this shape and dtype: element_count times
+// dtype_size, with the same errors, and one when the bytes pass int64.
+int64_t byte_size(const Shape& shape, DType dtype);
 // "(2, 5, 4)": numpy's spelling, used in error messages.
 std::string shape_string(const Shape& shape);
 

@@ -254,7 +254,7 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
 
   HostArray y{x.shape, plan.output_dtype, {}}, dx{x.shape, x.dtype, {}};
   on_every_rank(*comm, "outputs", [&] {
-    y.bytes = allocate(element_count(x.shape) * dtype_size(y.dtype), "y " + shape_string(x.shape));
+    y.bytes = allocate(byte_size(x.shape, y.dtype), "y " + shape_string(x.shape));
     if (backward) dx.bytes = allocate(int64_t(x.bytes.size()), "dx " + shape_string(x.shape));
   });
   ForwardState state;

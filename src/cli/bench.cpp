@@ -39,7 +39,7 @@ double median(std::vector<double> v) {
 // Deterministic test data: per-channel offsets and scales, so statistics are
 // not trivial, stored in `dtype`.
 HostArray generate(const Shape& shape, DType dtype, Layout layout, uint64_t seed) {
-  HostArray a{shape, dtype, allocate(element_count(shape) * dtype_size(dtype), "the generated " + shape_string(shape) + " array")};
+  HostArray a{shape, dtype, allocate(byte_size(shape, dtype), "the generated " + shape_string(shape) + " array")};
   const int feature = layout == Layout::channels_last ? int(shape.size()) - 1 : 1;
   int64_t inner = 1;
   for (size_t d = size_t(feature) + 1; d < shape.size(); ++d) inner *= shape[d];
@@ -58,7 +58,7 @@ HostArray generate(const Shape& shape, DType dtype, Layout layout, uint64_t seed
 double element(const HostArray& a, int64_t i) { return load_element(a.dtype, a.bytes.data(), i); }
 
 HostArray widen_to_f64(const HostArray& a) {
-  HostArray out{a.shape, DType::f64, allocate(element_count(a.shape) * 8, "the float64 reference input")};
+  HostArray out{a.shape, DType::f64, allocate(byte_size(a.shape, DType::f64), "the float64 reference input")};
   for (int64_t i = 0; i < element_count(a.shape); ++i)
     reinterpret_cast<double*>(out.bytes.data())[i] = element(a, i);
   return out;
@@ -197,7 +197,7 @@ void run_bench(const BenchOptions& o, const std::shared_ptr<Communicator>& comm)
       dy = shard(generate(global, dtype, layout, 1000 + s), sharding, global, rank, ranks, "dy");
       plan = layer.plan(x.shape, layout, dtype);
       y = {x.shape, plan.output_dtype,
-           allocate(element_count(x.shape) * dtype_size(plan.output_dtype), "y " + shape_string(x.shape))};
+           allocate(byte_size(x.shape, plan.output_dtype), "y " + shape_string(x.shape))};
       dx = {x.shape, dtype, allocate(int64_t(x.bytes.size()), "dx " + shape_string(x.shape))};
       if (!on_gpu) copy_target = allocate(int64_t(x.bytes.size()), "the copy's target " + shape_string(x.shape));
     });

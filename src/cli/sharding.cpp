@@ -124,7 +124,7 @@ HostArray unshard(Communicator& comm, HostArray part, const Sharding& sharding, 
   // Under ranks_axis the parts in rank order are the whole array already.
   if (sharding.mode == Sharding::Mode::ranks_axis) return {whole_shape, part.dtype, std::move(parts)};
   HostArray whole{whole_shape, part.dtype,
-                  allocate(element_count(whole_shape) * dtype_size(part.dtype),
+                  allocate(byte_size(whole_shape, part.dtype),
                            "the whole output " + shape_string(whole_shape))};
   const AxisSplit s = around(whole_shape, sharding.axis);
   const int64_t row = s.inner * dtype_size(part.dtype);

@@ -148,7 +148,7 @@ void check_view(const char* name, const TensorView& view, const Shape& shape, DT
   if (view.layout != layout) throw Error(std::string(name) + " has a different layout from x");
   if (view.device != device)
     throw Error(std::string(name) + " is in " + memory_of(view.device) + " but x is in " + memory_of(device));
-  if (!view.data && element_count(shape) > 0) throw Error(std::string(name) + " has no data");
+  if (byte_size(shape, dtype) > 0 && !view.data) throw Error(std::string(name) + " has no data");
 }
 
 // Group index of each rank, or throws SPEC §7's message.
@@ -229,7 +229,7 @@ struct GroupNorm::Workspace {
   // scattered into it by finish_output.
   void* output(const Plan& p, void* out, DType dtype) {
     if (!p.permuted) return out;
-    out_gathered.resize(size_t(element_count(p.shape) * dtype_size(dtype)));
+    out_gathered.resize(size_t(byte_size(p.shape, dtype)));
     return out_gathered.data();
   }
   void finish_output(const Plan& p, void* out, DType dtype) {
@@ -351,7 +351,7 @@ std::string GroupNorm::check_forward(const TensorView& x, const TensorView& y, c
       throw Error(std::string(config_.use_scale ? "scale" : "bias") + " has shape (" +
                   std::to_string(channels_) + ",) but x has " + std::to_string(plan.channels) +
                   " channels (shape " + shape_string(x.shape) + ")");
-    if (!x.data && element_count(x.shape) > 0) throw Error("x has no data");
+    if (byte_size(x.shape, x.dtype) > 0 && !x.data) throw Error("x has no data");
     check_view("y", y, x.shape, plan.output_dtype, x.layout, x.device);
   } catch (const Error& e) {
     return e.what();

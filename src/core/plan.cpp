@@ -132,6 +132,9 @@ Plan resolve(const GroupNormConfig& config, const Shape& shape, Layout layout, D
                                                  : "channels-first input needs rank >= 2"));
   for (int64_t d : shape)
     if (d < 0) throw Error("x has a negative dimension: " + shape_string(shape));
+  // Throws when the extents multiply past int64; the cell and element counts
+  // below are products of some of them, so they cannot overflow after this.
+  element_count(shape);
 
   Plan plan;
   plan.shape = shape;

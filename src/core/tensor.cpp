@@ -62,6 +62,14 @@ int64_t element_count(const Shape& shape) {
   return empty ? 0 : nonzero_product;
 }
 
+int64_t byte_size(const Shape& shape, DType dtype) {
+  int64_t bytes = 0;
+  if (__builtin_mul_overflow(element_count(shape), int64_t(dtype_size(dtype)), &bytes))
+    throw Error("shape " + shape_string(shape) + " of " + dtype_name(dtype) +
+                " is too large: its bytes pass 2^63 - 1 (int64 overflow)");
+  return bytes;
+}
+
 std::string shape_string(const Shape& shape) {
   std::ostringstream out;
   out << '(';

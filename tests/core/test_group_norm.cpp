@@ -1255,6 +1255,19 @@ TEST_CASE("group norm: y of the wrong dtype or shape is an error naming both",
   }
 }
 
+// Issue 13: a view whose bytes pass int64 is an error at validation, before
+// anything is sized or read from it (2^57 x 32 float64 elements: 2^65 bytes).
+TEST_CASE("group norm: a view whose byte size overflows int64 is an error", "[group_norm][errors]") {
+  GroupNorm layer(make_config(4));
+  std::vector<double> small(64);
+  const Shape huge{int64_t(1) << 57, 32};
+  const TensorView x{small.data(), huge, DType::f64, kLast};
+  const TensorView y{small.data(), huge, DType::f64, kLast};
+  const std::string e = error_of([&] { layer.forward(x, y); });
+  INFO(e);
+  CHECK(contains(e, "int64 overflow"));
+}
+
 TEST_CASE("group norm: mask shape errors name both shapes", "[group_norm][errors][mask]") {
   GroupNorm layer(make_config(4));
   const Shape shape{2, 4, 4, 32};

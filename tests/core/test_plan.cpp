@@ -432,3 +432,13 @@ TEST_CASE("plan: shape errors are distgn errors", "[plan]") {
   CHECK_THROWS_AS(resolve(with_groups(1), {4}, Layout::channels_first, DType::f32), Error);
   CHECK_THROWS_AS(resolve(with_groups(1), {2, -4}, Layout::channels_last, DType::f32), Error);
 }
+
+// Issue 13: the cell and element counts multiplied the extents unchecked
+// (signed overflow, undefined behaviour) for (2^32, 2^32, 8).
+TEST_CASE("plan: a shape whose extents multiply past int64 is an error, not an overflow", "[plan][cells]") {
+  const int64_t big = int64_t(1) << 32;
+  CHECK_THROWS_WITH(resolve(with_groups(2), {big, big, 8}, Layout::channels_last, DType::f32),
+                    Catch::Contains("int64 overflow"));
+  CHECK_THROWS_WITH(resolve(with_groups(2), {big, 8, big, 0}, Layout::channels_first, DType::f32),
+                    Catch::Contains("int64 overflow"));
+}

@@ -9,6 +9,8 @@
 #include "distgn/error.hpp"
 #include "distgn/tensor.hpp"
 
+using distgn::byte_size;
+using distgn::DType;
 using distgn::element_count;
 using distgn::Error;
 using distgn::Shape;
@@ -63,4 +65,13 @@ TEST_CASE("tensor: element_count rejects negative extents", "[tensor]") {
   CHECK(message.find("(2, -3)") != std::string::npos);
   CHECK(message.find("negative") != std::string::npos);
   CHECK_THROWS_AS(element_count({-1, -1}), Error);
+}
+
+TEST_CASE("tensor: byte_size is element_count times dtype_size, checked for int64 overflow", "[tensor]") {
+  CHECK(byte_size({2, 3, 4}, DType::f16) == 48);
+  CHECK(byte_size({k2to32, 0}, DType::f64) == 0);
+  CHECK(byte_size({int64_t(1) << 60}, DType::f32) == int64_t(1) << 62);
+  // 2^61 float64 elements are a valid count, but 2^64 bytes.
+  CHECK_THROWS_WITH(byte_size({int64_t(1) << 61}, DType::f64), Catch::Contains("int64 overflow"));
+  CHECK_THROWS_WITH(byte_size({k2to40, k2to40}, DType::f32), Catch::Contains("(1099511627776, 1099511627776)"));
 }
