@@ -1,5 +1,6 @@
-// `distgn`: apply the layer to .npy files, or benchmark it (DESIGN.md's
-// fixed command-line interface). Invalid input: exit status 2 and the
+// `distgn`: apply the layer to .npy files, or benchmark it (the README's
+// "The command-line tool"; the options are a fixed interface that scripts
+// call). Invalid input: exit status 2 and the
 // message on stderr, from every rank.
 #include <CLI/CLI.hpp>
 #include <cstdio>
