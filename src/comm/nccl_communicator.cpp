@@ -20,6 +20,7 @@
 #include <string>
 #include <thread>
 
+#include "cuda/device_memory.hpp"
 #include "distgn/communicator.hpp"
 #include "distgn/error.hpp"
 
@@ -75,8 +76,6 @@ class NcclCommunicator final : public Communicator, public DeviceCollectives {
   }
 
   ~NcclCommunicator() override {
-    if (device_buffer_) cudaFree(device_buffer_);
-    if (host_buffer_) cudaFreeHost(host_buffer_);
     if (owns_comm_) ncclCommDestroy(comm_);
     if (owns_stream_) cudaStreamDestroy(stream_);
   }
@@ -109,8 +108,8 @@ class NcclCommunicator final : public Communicator, public DeviceCollectives {
     DeviceScope scope(device_);
     const size_t staged = rank_ == root ? size_t(total) : bytes;
     reserve(staged);
-    auto* host = static_cast<uint8_t*>(host_buffer_);
-    auto* device = static_cast<uint8_t*>(device_buffer_);
+    auto* host = static_cast<uint8_t*>(host_buffer_.data());
+    auto* device = static_cast<uint8_t*>(device_buffer_.data());
     if (rank_ != root) {
       if (bytes == 0) return result;
       std::memcpy(host, send, bytes);
@@ -168,17 +167,13 @@ class NcclCommunicator final : public Communicator, public DeviceCollectives {
 
   // Pinned host and device staging of at least `bytes` each.
   void reserve(size_t bytes) {
-    if (bytes <= capacity_) return;
+    if (bytes <= device_buffer_.bytes()) return;
     check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-    if (device_buffer_) check_cuda(cudaFree(device_buffer_), "cudaFree");
-    if (host_buffer_) check_cuda(cudaFreeHost(host_buffer_), "cudaFreeHost");
-    device_buffer_ = nullptr;
-    host_buffer_ = nullptr;
-    capacity_ = 0;
+    device_buffer_ = cuda::DeviceArray();
+    host_buffer_ = cuda::PinnedArray();
     const size_t size = std::max<size_t>(4096, bytes + bytes / 4);
-    check_cuda(cudaMalloc(&device_buffer_, size), "cudaMalloc");
-    check_cuda(cudaMallocHost(&host_buffer_, size), "cudaMallocHost");
-    capacity_ = size;
+    device_buffer_ = cuda::DeviceArray(size);
+    host_buffer_ = cuda::PinnedArray(size);
   }
 
   void host_allreduce(void* data, size_t count, ncclDataType_t type, size_t element) {
@@ -186,13 +181,13 @@ class NcclCommunicator final : public Communicator, public DeviceCollectives {
     DeviceScope scope(device_);
     const size_t bytes = count * element;
     reserve(bytes);
-    std::memcpy(host_buffer_, data, bytes);
-    check_cuda(cudaMemcpyAsync(device_buffer_, host_buffer_, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync");
-    check_nccl(ncclAllReduce(device_buffer_, device_buffer_, count, type, ncclSum, comm_, stream_), "ncclAllReduce",
+    std::memcpy(host_buffer_.data(), data, bytes);
+    check_cuda(cudaMemcpyAsync(device_buffer_.data(), host_buffer_.data(), bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync");
+    check_nccl(ncclAllReduce(device_buffer_.data(), device_buffer_.data(), count, type, ncclSum, comm_, stream_), "ncclAllReduce",
                comm_);
-    check_cuda(cudaMemcpyAsync(host_buffer_, device_buffer_, bytes, cudaMemcpyDeviceToHost, stream_), "cudaMemcpyAsync");
+    check_cuda(cudaMemcpyAsync(host_buffer_.data(), device_buffer_.data(), bytes, cudaMemcpyDeviceToHost, stream_), "cudaMemcpyAsync");
     finish("allreduce");
-    std::memcpy(data, host_buffer_, bytes);
+    std::memcpy(data, host_buffer_.data(), bytes);
   }
 
   void host_allgather(const void* send, size_t count, void* recv, ncclDataType_t type, size_t element) {
@@ -201,8 +196,8 @@ class NcclCommunicator final : public Communicator, public DeviceCollectives {
     const size_t bytes = count * element, total = bytes * size_t(size_);
     // Device: [send | recv]; host: the same layout.
     reserve(bytes + total);
-    auto* host = static_cast<uint8_t*>(host_buffer_);
-    auto* device = static_cast<uint8_t*>(device_buffer_);
+    auto* host = static_cast<uint8_t*>(host_buffer_.data());
+    auto* device = static_cast<uint8_t*>(device_buffer_.data());
     std::memcpy(host, send, bytes);
     check_cuda(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync");
     check_nccl(ncclAllGather(device, device + bytes, count, type, comm_, stream_), "ncclAllGather", comm_);
@@ -256,9 +251,8 @@ class NcclCommunicator final : public Communicator, public DeviceCollectives {
   bool owns_comm_, owns_stream_;
   double timeout_s_;
   int device_ = 0, rank_ = 0, size_ = 1;
-  void* device_buffer_ = nullptr;
-  void* host_buffer_ = nullptr;
-  size_t capacity_ = 0;
+  cuda::DeviceArray device_buffer_;  // staging of the host collectives
+  cuda::PinnedArray host_buffer_;
 };
 
 }  // namespace

@@ -11,6 +11,7 @@
 
 #include "core/element.hpp"
 #include "cuda/cuda_check.hpp"
+#include "cuda/device_memory.hpp"
 #include "cuda/index_maps.hpp"
 #include "cuda/launch.hpp"
 
@@ -26,24 +27,17 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 // still be in use by queued kernels).
 class Scratch {
  public:
-  ~Scratch() {
-    if (data_) cudaFree(data_);
-  }
   // At least `bytes`; with `zeroed`, newly allocated memory is zero (and
   // whatever callers leave zero stays so).
   void* get(size_t bytes, cudaStream_t stream, bool zeroed = false) {
-    if (bytes <= capacity_ && data_) return data_;
-    if (data_) {
+    if (bytes <= array_.bytes() && array_.data()) return array_.data();
+    if (array_.data()) {
       DISTGN_CUDA_CHECK(cudaStreamSynchronize(stream));
-      DISTGN_CUDA_CHECK(cudaFree(data_));
-      data_ = nullptr;
-      capacity_ = 0;
+      array_ = cuda::DeviceArray();
     }
-    const size_t size = std::max<size_t>(256, bytes + bytes / 4);
-    DISTGN_CUDA_CHECK(cudaMalloc(&data_, size));
-    capacity_ = size;
-    if (zeroed) DISTGN_CUDA_CHECK(cudaMemsetAsync(data_, 0, size, stream));
-    return data_;
+    array_ = cuda::DeviceArray(std::max<size_t>(256, bytes + bytes / 4));
+    if (zeroed) DISTGN_CUDA_CHECK(cudaMemsetAsync(array_.data(), 0, array_.bytes(), stream));
+    return array_.data();
   }
   template <class T>
   T* get_as(size_t count, cudaStream_t stream, bool zeroed = false) {
@@ -51,30 +45,22 @@ class Scratch {
   }
 
  private:
-  void* data_ = nullptr;
-  size_t capacity_ = 0;
+  cuda::DeviceArray array_;
 };
 
 // Grow-only pinned host memory.
 class Pinned {
  public:
-  ~Pinned() {
-    if (data_) cudaFreeHost(data_);
-  }
   // Callers make sure no copy still reads or writes the old block.
   uint8_t* get(size_t bytes) {
-    if (bytes <= capacity_ && data_) return data_;
-    if (data_) DISTGN_CUDA_CHECK(cudaFreeHost(data_));
-    data_ = nullptr;
-    const size_t size = std::max<size_t>(4096, bytes + bytes / 4);
-    DISTGN_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&data_), size));
-    capacity_ = size;
-    return data_;
+    if (bytes <= array_.bytes() && array_.data()) return array_.data();
+    array_ = cuda::PinnedArray();
+    array_ = cuda::PinnedArray(std::max<size_t>(4096, bytes + bytes / 4));
+    return array_.data();
   }
 
  private:
-  uint8_t* data_ = nullptr;
-  size_t capacity_ = 0;
+  cuda::PinnedArray array_;
 };
 
 // The per-cell state of a forward call on the device: mean, rstd, count and
@@ -83,13 +69,14 @@ struct DeviceCells {
   int device = 0;
   int64_t cells = 0;
   int64_t capacity = 0;
-  double* data = nullptr;
+  cuda::DeviceArray array;  // 4 * capacity doubles
   cudaStream_t stream = nullptr;  // of the last call that wrote it
 
-  ~DeviceCells() {
-    if (data) cudaFree(data);
+  double* data() const { return static_cast<double*>(array.data()); }
+  CellStateView view() const {
+    double* d = data();
+    return {d, d + cells, d + 2 * cells, d + 3 * cells};
   }
-  CellStateView view() const { return {data, data + cells, data + 2 * cells, data + 3 * cells}; }
 };
 
 // Host copies of the arrays to upload, staged in pinned memory. A staging
@@ -100,6 +87,8 @@ class Uploader {
   ~Uploader() {
     if (done_) cudaEventDestroy(done_);
   }
+  Uploader(const Uploader&) = delete;
+  Uploader& operator=(const Uploader&) = delete;
   void begin(size_t bytes) {
     if (pending_) DISTGN_CUDA_CHECK(cudaEventSynchronize(done_));
     pending_ = false;
@@ -229,7 +218,7 @@ class CudaBackendImpl final : public CudaBackend {
         host_cells_[size_t(3 * cells + c)] = s.variance_clamped ? 1.0 : 0.0;
       }
       up_.begin(host_cells_.size() * sizeof(double));
-      up_.copy(dc.data, host_cells_.data(), host_cells_.size() * sizeof(double));
+      up_.copy(dc.data(), host_cells_.data(), host_cells_.size() * sizeof(double));
       up_.end();
       normalize(p, x, {0, cells}, coef, y, p.output_dtype, p.compute_dtype);
     }
@@ -393,7 +382,7 @@ class CudaBackendImpl final : public CudaBackend {
       auto fresh = std::make_shared<DeviceCells>();
       fresh->device = device_;
       fresh->capacity = std::max<int64_t>(cells, 1);
-      DISTGN_CUDA_CHECK(cudaMalloc(&fresh->data, size_t(4 * fresh->capacity) * sizeof(double)));
+      fresh->array = cuda::DeviceArray(size_t(4 * fresh->capacity) * sizeof(double));
       holder = fresh;
       dc = fresh.get();
     }
@@ -680,7 +669,7 @@ void copy_device_state_to_host(const std::shared_ptr<void>& device_state, Forwar
   DISTGN_CUDA_CHECK(cudaStreamSynchronize(dc->stream));
   std::vector<double> all(size_t(4 * dc->cells));
   if (!all.empty())
-    DISTGN_CUDA_CHECK(cudaMemcpy(all.data(), dc->data, all.size() * sizeof(double), cudaMemcpyDeviceToHost));
+    DISTGN_CUDA_CHECK(cudaMemcpy(all.data(), dc->data(), all.size() * sizeof(double), cudaMemcpyDeviceToHost));
   const size_t n = size_t(dc->cells);
   state.mean.assign(all.begin(), all.begin() + n);
   state.rstd.assign(all.begin() + n, all.begin() + 2 * n);

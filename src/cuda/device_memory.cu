@@ -35,16 +35,6 @@ void use_device_of_rank(int rank) {
   set_device(rank % devices);
 }
 
-bool is_device_pointer(const void* p) {
-  if (!p) return false;
-  cudaPointerAttributes attributes{};
-  if (cudaPointerGetAttributes(&attributes, p) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return attributes.type == cudaMemoryTypeDevice || attributes.type == cudaMemoryTypeManaged;
-}
-
 DeviceArray::DeviceArray(size_t bytes) : bytes_(bytes) {
   if (bytes) DISTGN_CUDA_CHECK(cudaMalloc(&data_, bytes));
 }
@@ -75,8 +65,24 @@ void DeviceArray::download(void* host, size_t bytes) const {
   if (bytes) DISTGN_CUDA_CHECK(cudaMemcpy(host, data_, bytes, cudaMemcpyDeviceToHost));
 }
 
-void DeviceArray::fill_zero() {
-  if (bytes_) DISTGN_CUDA_CHECK(cudaMemset(data_, 0, bytes_));
+PinnedArray::PinnedArray(size_t bytes) : bytes_(bytes) {
+  if (bytes) DISTGN_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&data_), bytes));
+}
+
+PinnedArray::~PinnedArray() {
+  if (data_) cudaFreeHost(data_);
+}
+
+PinnedArray::PinnedArray(PinnedArray&& other) noexcept
+    : data_(std::exchange(other.data_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+
+PinnedArray& PinnedArray::operator=(PinnedArray&& other) noexcept {
+  if (this != &other) {
+    if (data_) cudaFreeHost(data_);
+    data_ = std::exchange(other.data_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
 }
 
 StreamHandle::StreamHandle() { DISTGN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }

@@ -23,8 +23,6 @@ void set_device(int device);
 // One GPU per rank, round robin: makes device rank % device_count() current.
 // Raises "--backend cuda: no CUDA device is visible" when there is none.
 void use_device_of_rank(int rank);
-// Is p an address in device memory (cudaMalloc, managed)? False for host memory.
-bool is_device_pointer(const void* p);
 
 // cudaMalloc'ed bytes, freed with the object.
 class DeviceArray {
@@ -42,10 +40,29 @@ class DeviceArray {
   // Synchronous copies of `bytes` (at most bytes()) from or to host memory.
   void upload(const void* host, size_t bytes);
   void download(void* host, size_t bytes) const;
-  void fill_zero();
 
  private:
   void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// cudaMallocHost'ed (pinned) host bytes, freed with the object: what
+// asynchronous copies to and from the device stage through.
+class PinnedArray {
+ public:
+  PinnedArray() = default;
+  explicit PinnedArray(size_t bytes);
+  ~PinnedArray();
+  PinnedArray(PinnedArray&& other) noexcept;
+  PinnedArray& operator=(PinnedArray&& other) noexcept;
+  PinnedArray(const PinnedArray&) = delete;
+  PinnedArray& operator=(const PinnedArray&) = delete;
+
+  uint8_t* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  uint8_t* data_ = nullptr;
   size_t bytes_ = 0;
 };
 

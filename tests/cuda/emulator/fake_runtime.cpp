@@ -1,15 +1,10 @@
 #include <cstdlib>
 #include <cstring>
-#include <map>
 #include <string>
 
 #include "cuda_runtime_api.h"
 
 namespace {
-std::map<const char*, size_t>& allocations() {
-  static std::map<const char*, size_t> a;
-  return a;
-}
 int sms() {
   const char* e = std::getenv("EMU_SMS");
   return e ? std::atoi(e) : 4;
@@ -25,18 +20,16 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
   *p = std::aligned_alloc(256, n);
   if (!*p) return cudaErrorMemoryAllocation;
   std::memset(*p, 0xa5, n);  // garbage, as cudaMalloc gives
-  allocations()[static_cast<const char*>(*p)] = n;
   return cudaSuccess;
 }
 cudaError_t cudaFree(void* p) {
   if (!p) return cudaSuccess;
-  allocations().erase(static_cast<const char*>(p));
   std::free(p);
   return cudaSuccess;
 }
 cudaError_t cudaMallocHost(void** p, size_t bytes) {
   *p = std::malloc(bytes ? bytes : 1);
-  return cudaSuccess;
+  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
 }
 cudaError_t cudaFreeHost(void* p) {
   std::free(p);
@@ -96,16 +89,6 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
   p->minor = 0;
   p->multiProcessorCount = sms();
   p->l2CacheSize = l2();
-  return cudaSuccess;
-}
-cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
-  a->type = cudaMemoryTypeUnregistered;
-  auto& m = allocations();
-  auto it = m.upper_bound(static_cast<const char*>(p));
-  if (it != m.begin()) {
-    --it;
-    if (static_cast<const char*>(p) < it->first + it->second) a->type = cudaMemoryTypeDevice;
-  }
   return cudaSuccess;
 }
 cudaError_t cudaMemGetInfo(size_t* f, size_t* t) {
