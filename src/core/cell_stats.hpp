@@ -90,4 +90,16 @@ DISTGN_HD CellStats finalize_moments(CellMoments m, double epsilon, bool fast_va
   return CellStats{mean, rstd, clamped};
 }
 
+// SPEC §9's per-cell terms of dx, from the cell's sums over its whole group,
+// A = sum(g) and B = sum(g * xhat) with g = dy * scale: a = A / n, and
+// b = B / n except where the fast variance was clamped (max(0, .) hit: the
+// variance then has no gradient, so b = 0).
+struct CellTerms {
+  double a;
+  double b;
+};
+DISTGN_HD CellTerms cell_terms(double sum_g, double sum_g_xhat, double count, bool variance_clamped) {
+  return CellTerms{sum_g / count, variance_clamped ? 0.0 : sum_g_xhat / count};
+}
+
 }  // namespace distgn

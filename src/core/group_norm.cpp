@@ -536,10 +536,10 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
     backend.backward_sums(in, dy_data, dy.dtype, block, coef, cell_sums, channel_sums);
     exchange_sums();
     for (int64_t cell = block.begin; cell < block.end; ++cell) {
-      const double n = state.count[size_t(cell)];
-      ws.terms[size_t(2 * cell)] = cell_sums[2 * cell] / n;
-      ws.terms[size_t(2 * cell + 1)] =
-          state.variance_clamped[size_t(cell)] ? 0.0 : cell_sums[2 * cell + 1] / n;
+      const CellTerms t = cell_terms(cell_sums[2 * cell], cell_sums[2 * cell + 1], state.count[size_t(cell)],
+                                     state.variance_clamped[size_t(cell)]);
+      ws.terms[size_t(2 * cell)] = t.a;
+      ws.terms[size_t(2 * cell + 1)] = t.b;
     }
     backend.input_grad(in, dy_data, dy.dtype, block, coef, ws.terms.data(), dx_out);
   }

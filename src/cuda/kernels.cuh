@@ -336,8 +336,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads) rows_sums_kernel(R x, RD dy,
       const int64_t cell = t.slab * g.cells_per_row + q;
       a.cell_sums[cell] = SumPair{A, B};
       if (a.terms) {
-        const double count = in.count[cell];
-        a.terms[cell] = SumPair{A / count, in.clamped[cell] != 0.0 ? 0.0 : B / count};
+        const CellTerms t = cell_terms(A, B, in.count[cell], in.clamped[cell] != 0.0);
+        a.terms[cell] = SumPair{t.a, t.b};
       }
     }
   }
@@ -621,8 +621,8 @@ __global__ void __launch_bounds__(kItemWarps * kWarp) cells_sums_kernel(R x, RD 
   if (lane == 0) {
     a.cell_sums[cell] = SumPair{A, B};
     if (a.terms) {
-      const double count = in.count[cell];
-      a.terms[cell] = SumPair{A / count, in.clamped[cell] != 0.0 ? 0.0 : B / count};
+      const CellTerms t = cell_terms(A, B, in.count[cell], in.clamped[cell] != 0.0);
+      a.terms[cell] = SumPair{t.a, t.b};
     }
   }
 }

@@ -33,8 +33,10 @@ __global__ void expand_mask_kernel(StridedIndex map, int64_t total, const uint8_
 
 __global__ void terms_kernel(int64_t cells, const SumPair* sums, const double* count, const double* clamped,
                              SumPair* terms) {
-  for (int64_t i = global_thread(); i < cells; i += grid_threads())
-    terms[i] = SumPair{sums[i].first / count[i], clamped[i] != 0.0 ? 0.0 : sums[i].second / count[i]};
+  for (int64_t i = global_thread(); i < cells; i += grid_threads()) {
+    const CellTerms t = cell_terms(sums[i].first, sums[i].second, count[i], clamped[i] != 0.0);
+    terms[i] = SumPair{t.a, t.b};
+  }
 }
 
 __global__ void store_doubles_kernel(const double* src, int64_t count, void* dst, DType dtype) {
