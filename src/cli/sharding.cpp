@@ -78,6 +78,7 @@ static HostArray slice(HostArray a, int axis, int64_t begin, int64_t end, bool d
     return out;
   }
   out.bytes = allocate(s.outer * length * s.inner * bytes, "this rank's part " + shape_string(out.shape));
+  if (out.bytes.empty()) return out;  // an empty part: no rows to copy (and no buffer to copy to)
   for (int64_t o = 0; o < s.outer; ++o)
     std::memcpy(out.bytes.data() + o * length * s.inner * bytes,
                 a.bytes.data() + (o * s.extent + begin) * s.inner * bytes,
