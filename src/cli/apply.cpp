@@ -2,10 +2,12 @@
 // forward (and backward), gather the results on rank 0 and write them.
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <new>
+#include <sstream>
 
 #include "cli/cli.hpp"
 #include "core/cell_stats.hpp"
@@ -131,6 +133,32 @@ void check_output_paths(const ApplyOptions& o, Communicator& comm) {
   GroupExchange(comm).agree({comm.rank() == 0 ? output_problem(o) : std::string(), "outputs", 0});
 }
 
+// The layer's fields the options set, checked in the order their errors are
+// reported (--axis-index-groups aside: run_apply parses it after checking the
+// output paths).
+GroupNormConfig layer_config(const ApplyOptions& o) {
+  GroupNormConfig c;
+  // Either option alone selects its mode; both is SPEC §2's error.
+  c.num_groups = o.group_size && !o.num_groups ? std::nullopt : std::optional<int64_t>(o.num_groups.value_or(32));
+  c.group_size = o.group_size;
+  // The library takes any epsilon, as Flax does; the tool refuses the
+  // ones that can only give NaN (a negative one can cancel the variance).
+  if (!(o.epsilon >= 0)) {
+    std::ostringstream text;
+    text << "--epsilon " << o.epsilon << ": must be >= 0 (and not NaN)";
+    throw Error(text.str());
+  }
+  c.epsilon = o.epsilon;
+  if (o.dtype) c.dtype = parse_dtype(*o.dtype);
+  c.param_dtype = parse_dtype(o.param_dtype);
+  c.use_scale = !o.no_scale;
+  c.use_bias = !o.no_bias;
+  c.use_fast_variance = !o.exact_variance;
+  c.force_float32_reductions = !o.no_force_f32;
+  if (!o.reduction_axes.empty()) c.reduction_axes = parse_int_list(o.reduction_axes, "--reduction-axes");
+  return c;
+}
+
 }  // namespace
 
 // Every piece of `text` between separators, empty ones included ("1,,2" and
@@ -171,20 +199,54 @@ std::vector<std::vector<int>> parse_groups(const std::string& text) {
   return groups;
 }
 
+void add_apply_options(CLI::App& app, ApplyOptions& o, std::string& comm_name) {
+  app.add_option("--x", o.x, "input x (.npy)")->required();
+  app.add_option("--y", o.y, "output y (.npy), written by rank 0; no output may name an input or another output")->required();
+  app.add_option("--dy", o.dy, "upstream gradient (.npy), runs backward too");
+  app.add_option("--dx", o.dx, "input gradient output (.npy)");
+  app.add_option("--dscale", o.dscale, "scale gradient output (.npy), total over all ranks");
+  app.add_option("--dbias", o.dbias, "bias gradient output (.npy), total over all ranks");
+  app.add_option("--mask", o.mask, "validity mask (.npy, any numeric or bool dtype; nonzero = valid)");
+  app.add_option("--scale", o.scale, "scale parameter (.npy of floats, shape [C]; default: ones)");
+  app.add_option("--bias", o.bias, "bias parameter (.npy of floats, shape [C]; default: zeros)");
+  app.add_option("--num-groups", o.num_groups, "number of groups G (default 32)");
+  app.add_option("--group-size", o.group_size, "channels per group S (instead of --num-groups)");
+  app.add_option("--epsilon", o.epsilon, "added to the variance, >= 0 (default 1e-6)");
+  app.add_flag("--no-scale", o.no_scale, "use_scale = false");
+  app.add_flag("--no-bias", o.no_bias, "use_bias = false");
+  app.add_option("--dtype", o.dtype, "Flax's dtype field: f32|f64|f16|bf16 (default: inferred)");
+  app.add_option("--param-dtype", o.param_dtype, "parameter dtype (default f32)");
+  app.add_option("--input-dtype", o.input_dtype, "convert x (and dy) to f32|f64|f16|bf16 after loading");
+  app.add_flag("--exact-variance", o.exact_variance, "use_fast_variance = false");
+  app.add_flag("--no-force-f32", o.no_force_f32, "force_float32_reductions = false");
+  app.add_option("--reduction-axes", o.reduction_axes, "comma-separated axes (default: all but 0)");
+  app.add_option("--layout", o.layout, "nhwc (channels last, default) or nchw");
+  app.add_option("--backend", o.backend, "cpu (default) or cuda");
+  app.add_option("--comm", comm_name, "auto|local|mpi|nccl (default auto: mpi under mpirun)");
+  app.add_flag("--ranks-axis", o.ranks_axis, "x has a leading axis of length P; rank r processes x[r]");
+  app.add_option("--shard-axis", o.shard_axis, "split x along this (reduced) axis over the ranks, like numpy.array_split");
+  app.add_option("--axis-index-groups", o.axis_index_groups, "rank groups sharing statistics, e.g. \"0,1;2,3\"");
+}
+
 void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>& comm) {
-  const bool on_gpu = cuda_backend_requested(options.backend);
+  GroupNormConfig config = layer_config(options);
+  const Layout layout = parse_layout(options.layout);
+  if (options.ranks_axis && options.shard_axis) throw Error("--ranks-axis and --shard-axis exclude each other");
+  Sharding requested;
+  if (options.ranks_axis) requested.mode = Sharding::Mode::ranks_axis;
+  if (options.shard_axis) requested = {Sharding::Mode::shard_axis, *options.shard_axis};
+  [[maybe_unused]] const bool on_gpu = cuda_backend_requested(options.backend);  // used by the CUDA build
   const bool backward = !options.dy.empty();
   if (backward != !options.dx.empty()) throw Error("--dy and --dx go together");
   if (!backward && (!options.dscale.empty() || !options.dbias.empty()))
     throw Error("--dscale and --dbias need --dy and --dx");
-  if (!options.dscale.empty() && !options.config.use_scale)
+  if (!options.dscale.empty() && !config.use_scale)
     throw Error("--dscale asked for but the layer has no scale (--no-scale)");
-  if (!options.dbias.empty() && !options.config.use_bias)
+  if (!options.dbias.empty() && !config.use_bias)
     throw Error("--dbias asked for but the layer has no bias (--no-bias)");
   const int rank = comm->rank(), ranks = comm->size();
   check_output_paths(options, *comm);
 
-  GroupNormConfig config = options.config;
   if (!options.axis_index_groups.empty()) config.axis_index_groups = parse_groups(options.axis_index_groups);
 
   // Load the inputs first (dy once x is sharded, so that the whole x and dy
@@ -202,7 +264,7 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   if (!options.bias.empty() && !config.use_bias) throw Error("--bias given with --no-bias");
 
   Shape local_template = x_all.shape;
-  if (options.sharding.mode == Sharding::Mode::ranks_axis) {
+  if (requested.mode == Sharding::Mode::ranks_axis) {
     if (x_all.shape.empty() || x_all.shape[0] != ranks)
       throw Error("--ranks-axis: x of shape " + shape_string(x_all.shape) +
                   " must have a leading axis of length " + std::to_string(ranks) +
@@ -212,8 +274,8 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   GroupNorm layer(config, comm);
   // Validate the whole configuration on the unsharded shape first, so every
   // rank reports SPEC §2's message the same way whatever its shard.
-  const Plan whole_plan = layer.plan(local_template, options.layout, x_all.dtype);
-  const Sharding sharding = checked_sharding(options.sharding, whole_plan);
+  const Plan whole_plan = layer.plan(local_template, layout, x_all.dtype);
+  const Sharding sharding = checked_sharding(requested, whole_plan);
 
   // The whole arrays move into this rank's parts: one rank runs on the
   // loaded bytes themselves.
@@ -247,7 +309,7 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
     mask = {mask_bytes.data(), part.shape, Device::cpu};
   }
 
-  const Plan plan = layer.plan(x.shape, options.layout, x.dtype);
+  const Plan plan = layer.plan(x.shape, layout, x.dtype);
   layer.init_parameters(plan.channels);
   if (!options.scale.empty()) layer.set_scale(scale.view(Layout::channels_last));
   if (!options.bias.empty()) layer.set_bias(bias.view(Layout::channels_last));
@@ -259,15 +321,15 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   });
   ForwardState state;
   const MaskView* mask_ptr = options.mask.empty() ? nullptr : &mask;
-  TensorView x_view = x.view(options.layout), y_view = y.view(options.layout);
+  TensorView x_view = x.view(layout), y_view = y.view(layout);
 #if DISTGN_WITH_CUDA
   // --backend cuda: the same calls on device copies, one GPU per rank (round
   // robin); the mask stays in host memory (the layer copies it over).
   cuda::DeviceArray x_dev, y_dev, dy_dev, dx_dev;
   if (on_gpu) {
     cuda::use_device_of_rank(rank);
-    x_view = device_view(x, options.layout, x_dev, true);
-    y_view = device_view(y, options.layout, y_dev, false);
+    x_view = device_view(x, layout, x_dev, true);
+    y_view = device_view(y, layout, y_dev, false);
   }
 #endif
   const auto layer_call = [&](const std::function<void()>& call) {
@@ -294,11 +356,11 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
     dbias = {c, config.param_dtype, std::vector<uint8_t>(param_bytes)};
     TensorView dscale_view = dscale.view(Layout::channels_last);
     TensorView dbias_view = dbias.view(Layout::channels_last);
-    TensorView dy_view = dy.view(options.layout), dx_view = dx.view(options.layout);
+    TensorView dy_view = dy.view(layout), dx_view = dx.view(layout);
 #if DISTGN_WITH_CUDA
     if (on_gpu) {
-      dy_view = device_view(dy, options.layout, dy_dev, true);
-      dx_view = device_view(dx, options.layout, dx_dev, false);
+      dy_view = device_view(dy, layout, dy_dev, true);
+      dx_view = device_view(dx, layout, dx_dev, false);
     }
 #endif
     layer_call([&] {

@@ -8,11 +8,14 @@
 #include <vector>
 
 #include "distgn/communicator.hpp"
-#include "distgn/config.hpp"
 #include "distgn/tensor.hpp"
 #if DISTGN_WITH_CUDA
 #include "cuda/device_memory.hpp"
 #endif
+
+namespace CLI {
+class App;
+}
 
 namespace distgn::cli {
 
@@ -31,15 +34,22 @@ struct Sharding {
 };
 
 struct ApplyOptions {
-  std::string x, y, dy, dx, dscale, dbias, mask, scale, bias;
-  GroupNormConfig config;
-  std::string input_dtype;  // empty = keep the file's
-  Layout layout = Layout::channels_last;
+  std::string x, y, dy, dx, dscale, dbias, mask, scale, bias;  // .npy paths, empty = not given
+  std::optional<int64_t> num_groups, group_size;               // neither: 32 groups
+  double epsilon = 1e-6;
+  bool no_scale = false, no_bias = false, exact_variance = false, no_force_f32 = false;
+  std::optional<std::string> dtype;  // unset = inferred
+  std::string param_dtype = "f32";
+  std::string input_dtype;     // empty = keep the file's
+  std::string reduction_axes;  // "1,2"; empty = all but 0
+  std::string layout = "nhwc";
   std::string backend = "cpu";
-  Sharding sharding;
+  bool ranks_axis = false;
+  std::optional<int> shard_axis;
   std::string axis_index_groups;  // "0,1;2,3"
 };
 
+void add_apply_options(CLI::App& app, ApplyOptions& options, std::string& comm_name);
 // Runs `distgn apply` on this rank; raises distgn::Error on invalid input.
 void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>& comm);
 
@@ -77,14 +87,6 @@ std::vector<uint8_t> allocate(int64_t bytes, const std::string& what);
 // running out of memory may hit one rank only, and the others must not wait
 // for it in the next collective. Collective.
 void on_every_rank(Communicator& comm, const char* step_name, const std::function<void()>& step);
-
-}  // namespace distgn::cli
-
-namespace CLI {
-class App;
-}
-
-namespace distgn::cli {
 
 struct BenchOptions {
   std::vector<std::string> shapes;  // "8,64,64,320", several or ';'-separated
