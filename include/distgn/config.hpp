@@ -40,7 +40,7 @@ struct Initializer {
 // Fills `count` values of `dtype` at `out` (values rounded to the dtype).
 void initialize(const Initializer& init, int64_t count, DType dtype, void* out);
 
-// Flax's flax.linen.GroupNorm fields, same names and defaults (SPEC §1).
+// Flax's flax.linen.GroupNorm fields, same names and defaults (semantics §1).
 // axis_name is the communicator the layer is constructed with.
 struct GroupNormConfig {
   std::optional<int64_t> num_groups = 32;
@@ -60,7 +60,7 @@ struct GroupNormConfig {
   bool force_float32_reductions = true;
 };
 
-// How a shape's elements map to statistics cells (SPEC §3), resolved once per
+// How a shape's elements map to statistics cells (semantics §3), resolved once per
 // distinct input shape. A cell is one index of every non-reduced axis plus one
 // group; cells are numbered row-major over (non-reduced axes..., group).
 struct Plan {
@@ -74,8 +74,8 @@ struct Plan {
   int64_t num_cells = 0;
   int64_t cell_elements = 0;  // positions per cell on this rank (mask ignored)
   DType input_dtype = DType::f32;
-  DType stats_dtype = DType::f32;   // SPEC §5
-  DType output_dtype = DType::f32;  // SPEC §5
+  DType stats_dtype = DType::f32;   // semantics §5
+  DType output_dtype = DType::f32;  // semantics §5
   DType compute_dtype = DType::f32;  // f64 when any dtype in play is f64, else f32
 
   // The element order the kernels walk, one of:
@@ -98,11 +98,11 @@ struct Plan {
   Shape split_shape;             // x's shape with the feature axis split (G, S)
 };
 
-// Validates `config` against an input shape in SPEC §2's order (raising
-// SPEC's messages) and resolves the plan.
+// Validates `config` against an input shape in semantics §2's order (raising
+// semantics §2's messages) and resolves the plan.
 Plan resolve(const GroupNormConfig& config, const Shape& shape, Layout layout, DType input_dtype);
 
-// SPEC §5: the stats and output dtypes for an input dtype.
+// semantics §5: the stats and output dtypes for an input dtype.
 DType stats_dtype(const GroupNormConfig& config, DType input_dtype);
 DType output_dtype(const GroupNormConfig& config, DType input_dtype);
 

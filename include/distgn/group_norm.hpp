@@ -15,7 +15,7 @@ struct CUstream_st;  // CUDA's stream: cudaStream_t is CUstream_st*
 
 namespace distgn {
 
-// What forward saves for backward (DESIGN "The flow"): the plan and, per cell,
+// What forward saves for backward (docs/design.md "The flow of a call"): the plan and, per cell,
 // the mean and reciprocal standard deviation the outputs were made with.
 struct ForwardState {
   Plan plan;
@@ -39,7 +39,7 @@ enum class ParamGradReduction {
 
 class GroupNorm {
  public:
-  // Validates axis_index_groups against comm (SPEC §7) and splits comm into
+  // Validates axis_index_groups against comm (semantics §7) and splits comm into
   // the groups once, here. Collective over comm when it has several ranks.
   explicit GroupNorm(GroupNormConfig config,
                      std::shared_ptr<Communicator> comm = local_communicator());
@@ -61,7 +61,7 @@ class GroupNorm {
   size_t parameter_bytes() const { return parameters_.size(); }
   TensorView scale();  // throws if use_scale is false or not initialised
   TensorView bias();
-  // Copies caller-provided parameters (any float dtype, shape [C]; SPEC §2.6).
+  // Copies caller-provided parameters (any float dtype, shape [C]; semantics §2.6).
   void set_scale(const TensorView& scale);
   void set_bias(const TensorView& bias);
 
@@ -77,7 +77,7 @@ class GroupNorm {
   // the stream). A no-op for host tensors.
   static void copy_statistics_to_host(ForwardState& state);
 
-  // The plan for an input of this shape, layout and dtype (validates, SPEC §2).
+  // The plan for an input of this shape, layout and dtype (validates, semantics §2).
   Plan plan(const Shape& shape, Layout layout, DType dtype) const;
 
   // y = GroupNorm(x). y has x's shape and layout and plan().output_dtype,
@@ -89,7 +89,7 @@ class GroupNorm {
   void forward(const TensorView& x, const TensorView& y, const MaskView* mask = nullptr,
                ForwardState* state = nullptr);
 
-  // Gradients of sum(y * dy) summed over all ranks (SPEC §9). dx has x's
+  // Gradients of sum(y * dy) summed over all ranks (semantics §9). dx has x's
   // dtype and shape; dscale/dbias (optional, [C], param_dtype) receive the
   // partial sums of the ranks `reduction` names. dy and dx live where x does;
   // dscale/dbias in host memory or, for device x, on the device. One collective over the
@@ -101,7 +101,7 @@ class GroupNorm {
 
  private:
   struct Workspace;
-  // SPEC §2's checks of a forward call's arguments: the error, or "".
+  // semantics §2's checks of a forward call's arguments: the error, or "".
   std::string check_forward(const TensorView& x, const TensorView& y, const MaskView* mask);
   // The parameters in double, for the kernels' coefficients.
   void load_parameters(std::vector<double>& scale, std::vector<double>& bias) const;

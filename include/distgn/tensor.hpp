@@ -7,7 +7,7 @@
 
 namespace distgn {
 
-// Storage dtypes of x, y and the parameters (SPEC §5).
+// Storage dtypes of x, y and the parameters (semantics §5).
 enum class DType { f32, f64, f16, bf16 };
 
 // Where the feature (channel) axis is: last (Flax's N...C, the default) or

@@ -29,7 +29,7 @@ struct KernelInputs {
 // Per-cell statistics and per-channel parameters the elementwise kernels
 // apply. Arrays are on the backend's device.
 struct Coefficients {
-  DType compute_dtype;  // f32 or f64: the arithmetic of SPEC §6 and §9
+  DType compute_dtype;  // f32 or f64: the arithmetic of semantics §6 and §9
   const double* mean;   // per cell, in the stats dtype
   const double* rstd;   // per cell
   const double* scale;  // per channel, or null (use_scale = false)
@@ -49,7 +49,7 @@ class Backend {
   virtual void normalize(const KernelInputs& in, CellRange cells, const Coefficients& coef,
                          void* y, DType y_dtype) = 0;
 
-  // SPEC §9's sums for the positions of `cells`, over all positions, masked
+  // semantics §9's sums for the positions of `cells`, over all positions, masked
   // or not: cell_sums[2*cell] = A and [2*cell+1] = B;
   // channel_sums[c] += sum of dy and channel_sums[C + c] += sum of dy*xhat.
   virtual void backward_sums(const KernelInputs& in, const void* dy, DType dy_dtype,

@@ -1,5 +1,5 @@
 // The arithmetic of one cell's statistics, shared by every backend and by the
-// merge across ranks: partial moments, Chan's merge, and SPEC §4/§6's
+// merge across ranks: partial moments, Chan's merge, and semantics §4/§6's
 // finalisation into mean and rstd.
 #pragma once
 
@@ -59,7 +59,7 @@ struct CellStats {
   bool variance_clamped;  // fast variance hit max(0, .): var gets no gradient
 };
 
-// SPEC §4 and §6. An empty cell (all masked) gives NaN, as 0/0 does in Flax.
+// semantics §4 and §6. An empty cell (all masked) gives NaN, as 0/0 does in Flax.
 // With a half stats dtype (force_float32_reductions off) the fast variance is
 // Flax's formula evaluated in that dtype, mu2 - mu^2 with each term rounded,
 // so its cancellation is reproduced rather than silently improved.
@@ -90,7 +90,7 @@ DISTGN_HD CellStats finalize_moments(CellMoments m, double epsilon, bool fast_va
   return CellStats{mean, rstd, clamped};
 }
 
-// SPEC §9's per-cell terms of dx, from the cell's sums over its whole group,
+// semantics §9's per-cell terms of dx, from the cell's sums over its whole group,
 // A = sum(g) and B = sum(g * xhat) with g = dy * scale: a = A / n, and
 // b = B / n except where the fast variance was clamped (max(0, .) hit: the
 // variance then has no gradient, so b = 0).

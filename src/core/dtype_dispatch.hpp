@@ -1,6 +1,6 @@
 // From a runtime dtype to a C++ type, for the backends' kernel dispatch:
 // f(T{}) with T the storage type (float, double, half_t, bfloat16_t), or the
-// compute type (double for f64, float otherwise; SPEC §6).
+// compute type (double for f64, float otherwise; semantics §6).
 #pragma once
 
 #include "core/half.hpp"

@@ -151,7 +151,7 @@ void check_view(const char* name, const TensorView& view, const Shape& shape, DT
   if (byte_size(shape, dtype) > 0 && !view.data) throw Error(std::string(name) + " has no data");
 }
 
-// Group index of each rank, or throws SPEC §7's message.
+// Group index of each rank, or throws semantics §7's message.
 std::vector<int> group_of_rank(const std::vector<std::vector<int>>& groups, int ranks) {
   std::vector<int> group(size_t(ranks), -1);
   bool ok = true;
@@ -339,7 +339,7 @@ void GroupNorm::load_parameters(std::vector<double>& scale, std::vector<double>&
   for (size_t c = 0; c < bias.size(); ++c) bias[c] = load_element(config_.param_dtype, data, int64_t(c));
 }
 
-// Resolves the plan of x (SPEC §2.1-4, cached per shape), then checks the
+// Resolves the plan of x (semantics §2.1-4, cached per shape), then checks the
 // mask (§2.5), the parameters (§2.6) and y. Returns the error message, or "".
 std::string GroupNorm::check_forward(const TensorView& x, const TensorView& y, const MaskView* mask) {
   try {

@@ -1,4 +1,4 @@
-// resolve(): SPEC §2's validation in its order, §3's cells and §5's dtypes,
+// resolve(): semantics §2's validation in its order, §3's cells and §5's dtypes,
 // and the element order the kernels walk.
 #include <algorithm>
 #include <string>

@@ -1,7 +1,7 @@
 // The CPU backend: OpenMP over fixed-size chunks of a cell range, so results
 // do not depend on the thread count. Partial sums run in float over small
 // blocks and accumulate in double (see kRowBlock); the elementwise
-// arithmetic runs in the plan's compute dtype (SPEC §6, §9).
+// arithmetic runs in the plan's compute dtype (semantics §6, §9).
 #include <omp.h>
 
 #include <algorithm>
@@ -154,8 +154,8 @@ double first_valid(const T* x, const uint8_t* mask, int64_t first, int64_t count
 
 // Partial sums run in the block type over a few rows (or a few vectors of
 // a run) and are added to double accumulators once per block: float for
-// data that is not float64 (SPEC §5 asks for at least float32; the shift makes
-// the block's terms small, so the rounding stays far below SPEC §8's bars),
+// data that is not float64 (semantics §5 asks for at least float32; the shift makes
+// the block's terms small, so the rounding stays far below semantics §8's bars),
 // which halves the vector work of the reductions against double throughout.
 constexpr int64_t kRowBlock = 8;    // rows summed in registers (narrow rows, cache-resident calls)
 constexpr int64_t kFlushRows = 32;  // rows summed in per-column block sums before the double sums
@@ -593,7 +593,7 @@ class CpuBackend final : public Backend {
   // backward rstd, scale, a, b). Each thread keeps those of its current slab.
   template <class C>
   // With cell_terms, dx = mul * dy + (x - mean) * centered_coef + offset:
-  // SPEC §9's rstd * (g - a - xhat * b) with the per-cell factors folded,
+  // semantics §9's rstd * (g - a - xhat * b) with the per-cell factors folded,
   // still centring x first (expanding x * r^2 b - mean * r^2 b cancels
   // badly when rstd is large).
   struct RowCoefficients {

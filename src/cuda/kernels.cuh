@@ -1,5 +1,5 @@
 // The CUDA kernels, templated on readers/writers (device_common.cuh). Design
-// (see also geometry.hpp and INTEGRATION.md):
+// (see also geometry.hpp and docs/cuda.md):
 //  - 16-byte vector accesses, consecutive threads on consecutive vectors, so
 //    a warp moves 512 contiguous bytes per access; kUnroll independent loads
 //    in flight per thread before the first use.
