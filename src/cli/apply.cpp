@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
-#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <new>
@@ -74,8 +73,7 @@ Sharding checked_sharding(const Sharding& s, const Plan& plan) {
     throw Error("--shard-axis " + std::to_string(s.axis) + " is out of range for x of shape " +
                 shape_string(plan.shape));
   const int axis = s.axis < 0 ? s.axis + rank : s.axis;
-  if (!std::binary_search(plan.reduction_axes.begin(), plan.reduction_axes.end(), int64_t(axis)) ||
-      axis == plan.feature_axis)
+  if (!shardable_axis(axis, plan.reduction_axes, plan.feature_axis))
     throw Error("--shard-axis " + std::to_string(s.axis) +
                 " is not a reduced axis other than the feature axis: sharding along it would "
                 "split cells' groups or change which cells exist; shard along one of the "
@@ -231,10 +229,7 @@ void add_apply_options(CLI::App& app, ApplyOptions& o, std::string& comm_name) {
 void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>& comm) {
   GroupNormConfig config = layer_config(options);
   const Layout layout = parse_layout(options.layout);
-  if (options.ranks_axis && options.shard_axis) throw Error("--ranks-axis and --shard-axis exclude each other");
-  Sharding requested;
-  if (options.ranks_axis) requested.mode = Sharding::Mode::ranks_axis;
-  if (options.shard_axis) requested = {Sharding::Mode::shard_axis, *options.shard_axis};
+  const Sharding requested = requested_sharding(options.ranks_axis, options.shard_axis);
   [[maybe_unused]] const bool on_gpu = cuda_backend_requested(options.backend);  // used by the CUDA build
   const bool backward = !options.dy.empty();
   if (backward != !options.dx.empty()) throw Error("--dy and --dx go together");

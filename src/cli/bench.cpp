@@ -12,6 +12,7 @@
 #include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <numeric>
 #include <optional>
 #include <random>
 #include <sstream>
@@ -37,11 +38,15 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+int feature_axis(const Shape& shape, Layout layout) {
+  return layout == Layout::channels_last ? int(shape.size()) - 1 : 1;
+}
+
 // Deterministic test data: per-channel offsets and scales, so statistics are
 // not trivial, stored in `dtype`.
 HostArray generate(const Shape& shape, DType dtype, Layout layout, uint64_t seed) {
   HostArray a{shape, dtype, allocate(byte_size(shape, dtype), "the generated " + shape_string(shape) + " array")};
-  const int feature = layout == Layout::channels_last ? int(shape.size()) - 1 : 1;
+  const int feature = feature_axis(shape, layout);
   int64_t inner = 1;
   for (size_t d = size_t(feature) + 1; d < shape.size(); ++d) inner *= shape[d];
   const int64_t channels = shape[size_t(feature)];
@@ -147,10 +152,22 @@ BenchRun set_up(const BenchOptions& o, const std::shared_ptr<Communicator>& comm
   run.shapes = parse_shapes(o.shapes);
   run.dtype = parse_dtype(o.dtype);
   run.layout = parse_layout(o.layout);
-  if (o.shard_axis) run.sharding = {Sharding::Mode::shard_axis, *o.shard_axis};
+  run.sharding = requested_sharding(false, o.shard_axis);
   run.config.num_groups = o.num_groups;
   run.config.param_dtype = parse_dtype(o.param_dtype);
   return run;
+}
+
+// --shard-axis against one case's shape. Bench's layer reduces over Flax's
+// default axes, all but the batch axis; a negative axis is refused (apply
+// counts one from the end).
+void check_shard_axis(const BenchRun& run, const Shape& global) {
+  if (run.sharding.mode != Sharding::Mode::shard_axis) return;
+  std::vector<int64_t> reduced(global.size() - 1);
+  std::iota(reduced.begin(), reduced.end(), int64_t(1));
+  if (!shardable_axis(run.sharding.axis, reduced, feature_axis(global, run.layout)))
+    throw Error("--shard-axis " + std::to_string(run.sharding.axis) +
+                " must be a reduced axis other than the batch and feature axes of " + shape_string(global));
 }
 
 void barrier(Communicator& comm) {
@@ -419,10 +436,7 @@ void run_bench(const BenchOptions& o, const std::shared_ptr<Communicator>& comm)
     const Shape& global = run.shapes[s];
     if (root && run.shapes.size() > 1)
       std::fprintf(stderr, "[%zu/%zu] %s\n", s + 1, run.shapes.size(), shape_string(global).c_str());
-    if (o.shard_axis && (*o.shard_axis < 1 || *o.shard_axis >= int(global.size()) ||
-                         *o.shard_axis == (run.layout == Layout::channels_last ? int(global.size()) - 1 : 1)))
-      throw Error("--shard-axis " + std::to_string(*o.shard_axis) + " must be a reduced axis other than the "
-                  "batch and feature axes of " + shape_string(global));
+    check_shard_axis(run, global);
     const CaseResult result = measure(run, global, s);
     if (!root) continue;
     print_row(result);

@@ -60,6 +60,15 @@ std::vector<int64_t> parse_int_list(const std::string& text, const char* what);
 
 // ---- sharding (sharding.cpp): how arrays are split over ranks and joined ----
 
+// The sharding --ranks-axis and --shard-axis ask for (bench has only
+// --shard-axis); they exclude each other. The axis is checked against x
+// later, with shardable_axis.
+Sharding requested_sharding(bool ranks_axis, const std::optional<int>& shard_axis);
+// Whether x may be split over the ranks along `axis` (counted from 0): only
+// along a reduced axis other than the feature axis, as splitting any other
+// would split cells' groups or change which cells exist.
+bool shardable_axis(int axis, const std::vector<int64_t>& reduction_axes, int feature_axis);
+
 // numpy.array_split's part r of P along an extent n: the first n % P parts
 // are one longer. Returns [begin, end).
 std::pair<int64_t, int64_t> split_range(int64_t n, int parts, int r);

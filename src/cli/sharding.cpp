@@ -59,6 +59,18 @@ void on_every_rank(Communicator& comm, const char* step_name, const std::functio
   GroupExchange(comm).agree({error, step_name, 0});
 }
 
+Sharding requested_sharding(bool ranks_axis, const std::optional<int>& shard_axis) {
+  if (ranks_axis && shard_axis) throw Error("--ranks-axis and --shard-axis exclude each other");
+  if (ranks_axis) return {Sharding::Mode::ranks_axis, 0};
+  if (shard_axis) return {Sharding::Mode::shard_axis, *shard_axis};
+  return {};
+}
+
+bool shardable_axis(int axis, const std::vector<int64_t>& reduction_axes, int feature_axis) {
+  return std::find(reduction_axes.begin(), reduction_axes.end(), int64_t(axis)) != reduction_axes.end() &&
+         axis != feature_axis;
+}
+
 std::pair<int64_t, int64_t> split_range(int64_t n, int parts, int r) {
   const int64_t base = n / parts, extra = n % parts;
   const int64_t begin = r * base + std::min<int64_t>(r, extra);
