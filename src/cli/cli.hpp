@@ -69,9 +69,6 @@ Sharding requested_sharding(bool ranks_axis, const std::optional<int>& shard_axi
 // would split cells' groups or change which cells exist.
 bool shardable_axis(int axis, const std::vector<int64_t>& reduction_axes, int feature_axis);
 
-// numpy.array_split's part r of P along an extent n: the first n % P parts
-// are one longer. Returns [begin, end).
-std::pair<int64_t, int64_t> split_range(int64_t n, int parts, int r);
 // This rank's part of an array sharded like x: under ranks_axis a[rank] for
 // arrays of x's rank, under shard_axis the array_split part along the axis
 // (an array that broadcasts along the axis, like a mask of extent 1 there
@@ -129,6 +126,6 @@ TensorView device_view(const HostArray& host, Layout layout, cuda::DeviceArray& 
 // auto (mpi when launched by mpirun and built with MPI, else local).
 std::shared_ptr<Communicator> make_communicator(const std::string& name);
 // Releases it (finalising MPI if make_communicator initialised it).
-void finish_communicator(std::shared_ptr<Communicator>& comm, int status);
+void finish_communicator(std::shared_ptr<Communicator>& comm);
 
 }  // namespace distgn::cli

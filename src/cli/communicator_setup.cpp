@@ -76,8 +76,7 @@ std::shared_ptr<Communicator> make_communicator(const std::string& name) {
   throw Error("--comm " + name + ": use auto, local, mpi or nccl");
 }
 
-void finish_communicator(std::shared_ptr<Communicator>& comm, int status) {
-  (void)status;
+void finish_communicator(std::shared_ptr<Communicator>& comm) {
   comm.reset();  // frees split-off MPI communicators before MPI_Finalize
 #if DISTGN_WITH_MPI
   if (mpi_initialised_here) MPI_Finalize();

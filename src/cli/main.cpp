@@ -69,6 +69,6 @@ int main(int argc, char** argv) {
                  e.what());
     status = 2;
   }
-  finish_communicator(comm, status);
+  finish_communicator(comm);
   return status;
 }

@@ -27,6 +27,14 @@ AxisSplit around(const Shape& shape, int axis) {
   return s;
 }
 
+// numpy.array_split's part r of P along an extent n: the first n % P parts
+// are one longer. Returns [begin, end).
+std::pair<int64_t, int64_t> split_range(int64_t n, int parts, int r) {
+  const int64_t base = n / parts, extra = n % parts;
+  const int64_t begin = r * base + std::min<int64_t>(r, extra);
+  return {begin, begin + base + (r < extra ? 1 : 0)};
+}
+
 }  // namespace
 
 std::string byte_count(int64_t bytes) {
@@ -69,12 +77,6 @@ Sharding requested_sharding(bool ranks_axis, const std::optional<int>& shard_axi
 bool shardable_axis(int axis, const std::vector<int64_t>& reduction_axes, int feature_axis) {
   return std::find(reduction_axes.begin(), reduction_axes.end(), int64_t(axis)) != reduction_axes.end() &&
          axis != feature_axis;
-}
-
-std::pair<int64_t, int64_t> split_range(int64_t n, int parts, int r) {
-  const int64_t base = n / parts, extra = n % parts;
-  const int64_t begin = r * base + std::min<int64_t>(r, extra);
-  return {begin, begin + base + (r < extra ? 1 : 0)};
 }
 
 // a[begin:end] along axis (the axis dropped when asked); the whole range
