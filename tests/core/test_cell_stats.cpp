@@ -14,6 +14,7 @@
 
 #include "core/cell_stats.hpp"
 #include "core/half.hpp"
+#include "reference.hpp"
 
 using distgn::CellMoments;
 using distgn::CellStats;
@@ -27,15 +28,10 @@ struct Direct {
   double count, mean, var;
 };
 
-// Two-pass mean and population variance in long double.
-Direct direct(const std::vector<double>& v, size_t begin, size_t end) {
-  long double sum = 0;
-  for (size_t i = begin; i < end; ++i) sum += v[i];
-  const long double n = static_cast<long double>(end - begin);
-  const long double mean = sum / n;
-  long double ss = 0;
-  for (size_t i = begin; i < end; ++i) ss += (v[i] - mean) * (v[i] - mean);
-  return {double(n), double(mean), double(ss / n)};
+// The reference's two-pass mean and population variance (long double).
+Direct direct(const std::vector<double>& v) {
+  const distgn_test::Moments m = distgn_test::two_pass_moments(v);
+  return {double(m.count), double(m.mean), double(m.m2 / m.count)};
 }
 
 // Moments of v[begin, end) the way a kernel forms them: shifted by the
@@ -78,7 +74,7 @@ TEST_CASE("cell stats: shifted sums of one part give the two-pass mean and varia
   std::normal_distribution<double> normal(3.0, 2.0);
   std::vector<double> v(1000);
   for (double& x : v) x = normal(rng);
-  const Direct want = direct(v, 0, v.size());
+  const Direct want = direct(v);
   const CellMoments m = part_moments(v, 0, v.size());
   CHECK(m.count == 1000);
   CHECK(rel(m.mean, want.mean) < 1e-14);
@@ -113,7 +109,7 @@ TEST_CASE("cell stats: merging random splits equals the two-pass statistics of t
     for (size_t& c : cuts) c = rng() % (n + 1);
     std::sort(cuts.begin(), cuts.end());
     const CellMoments m = merged_over(v, cuts);
-    const Direct want = direct(v, 0, n);
+    const Direct want = direct(v);
     INFO("trial " << trial << ", n " << n << ", parts " << cuts.size() + 1);
     CHECK(m.count == n);
     CHECK(rel(m.mean, want.mean) < 1e-13);
@@ -155,7 +151,7 @@ TEST_CASE("cell stats: accuracy when |mean|/std is 1e4 and 1e6", "[cell_stats]")
       std::normal_distribution<double> normal(sign * ratio * std_dev, std_dev);
       std::vector<double> v(4096);
       for (double& x : v) x = normal(rng);
-      const Direct want = direct(v, 0, v.size());
+      const Direct want = direct(v);
       INFO("ratio " << ratio << " sign " << sign);
       // One part, and chunks of 1000 merged the way the kernels merge them.
       for (const CellMoments& m :

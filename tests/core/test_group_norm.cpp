@@ -1,6 +1,6 @@
 // Tests of distgn::GroupNorm on the CPU with the local communicator, against
-// a float64 reference of SPEC §3-§6 and §9 written here with plain loops over
-// a generic N-d index (no code shared with the library's kernels).
+// the float64 reference of SPEC §3-§6 and §9 (tests/reference.hpp: plain
+// loops over a generic N-d index, no code shared with the library's kernels).
 #include <catch2/catch.hpp>
 
 #include <omp.h>
@@ -13,7 +13,6 @@
 #include <limits>
 #include <memory>
 #include <optional>
-#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -24,7 +23,10 @@
 #include "distgn/error.hpp"
 #include "distgn/group_norm.hpp"
 #include "distgn/tensor.hpp"
+#include "reference.hpp"
+#include "test_arrays.hpp"
 
+using namespace distgn_test;  // Array, random data, check_close, the reference
 using distgn::CountingCommunicator;
 using distgn::DType;
 using distgn::Error;
@@ -43,331 +45,6 @@ namespace {
 constexpr Layout kLast = Layout::channels_last;
 constexpr Layout kFirst = Layout::channels_first;
 const double kNaN = std::numeric_limits<double>::quiet_NaN();
-
-// ---- storage -------------------------------------------------------------------
-
-double load(DType dtype, const void* data, int64_t i) {
-  switch (dtype) {
-    case DType::f64: return static_cast<const double*>(data)[i];
-    case DType::f32: return static_cast<const float*>(data)[i];
-    case DType::f16: return distgn::to_float(static_cast<const distgn::half_t*>(data)[i]);
-    case DType::bf16: return distgn::to_float(static_cast<const distgn::bfloat16_t*>(data)[i]);
-  }
-  return kNaN;
-}
-
-void store(DType dtype, void* data, int64_t i, double v) {
-  switch (dtype) {
-    case DType::f64: static_cast<double*>(data)[i] = v; break;
-    case DType::f32: static_cast<float*>(data)[i] = float(v); break;
-    case DType::f16: static_cast<distgn::half_t*>(data)[i] = distgn::to_half(float(v)); break;
-    case DType::bf16:
-      static_cast<distgn::bfloat16_t*>(data)[i] = distgn::to_bfloat16(float(v));
-      break;
-  }
-}
-
-double round_to(DType dtype, double v) {
-  double out;
-  store(dtype, &out, 0, v);  // fits: every dtype is at most 8 bytes
-  return load(dtype, &out, 0);
-}
-
-// An owned dense array of any storage dtype.
-struct Array {
-  Shape shape;
-  DType dtype = DType::f32;
-  Layout layout = kLast;
-  std::vector<uint8_t> bytes;
-
-  Array() = default;
-  Array(Shape s, DType t, Layout l = kLast)
-      : shape(std::move(s)), dtype(t), layout(l),
-        bytes(size_t(distgn::element_count(shape) * distgn::dtype_size(t))) {}
-  Array(Shape s, DType t, Layout l, const std::vector<double>& values) : Array(std::move(s), t, l) {
-    REQUIRE(int64_t(values.size()) == size());
-    for (int64_t i = 0; i < size(); ++i) set(i, values[size_t(i)]);
-  }
-
-  int64_t size() const { return distgn::element_count(shape); }
-  double get(int64_t i) const { return load(dtype, bytes.data(), i); }
-  void set(int64_t i, double v) { store(dtype, bytes.data(), i, v); }
-  std::vector<double> values() const {
-    std::vector<double> v(static_cast<size_t>(size()));
-    for (int64_t i = 0; i < size(); ++i) v[size_t(i)] = get(i);
-    return v;
-  }
-  TensorView view() { return TensorView{bytes.data(), shape, dtype, layout}; }
-  void fill_bytes(uint8_t b) { std::fill(bytes.begin(), bytes.end(), b); }
-};
-
-std::vector<double> view_values(const TensorView& v) {
-  std::vector<double> out(size_t(distgn::element_count(v.shape)));
-  for (size_t i = 0; i < out.size(); ++i) out[i] = load(v.dtype, v.data, int64_t(i));
-  return out;
-}
-
-// Normal(mean, std) values, rounded to `dtype`.
-std::vector<double> random_values(int64_t n, uint64_t seed, double mean = 0.0, double stddev = 1.0,
-                                  DType dtype = DType::f64) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> normal(mean, stddev);
-  std::vector<double> v(static_cast<size_t>(n));
-  for (double& x : v) x = round_to(dtype, normal(rng));
-  return v;
-}
-
-std::vector<uint8_t> random_mask(int64_t n, uint64_t seed, double valid_fraction = 0.7) {
-  std::mt19937_64 rng(seed);
-  std::bernoulli_distribution valid(valid_fraction);
-  std::vector<uint8_t> m(static_cast<size_t>(n));
-  for (auto& b : m) b = valid(rng) ? 1 : 0;
-  return m;
-}
-
-// ---- N-d indexing --------------------------------------------------------------
-
-std::vector<int64_t> unravel(int64_t flat, const Shape& shape) {
-  std::vector<int64_t> index(shape.size());
-  for (size_t d = shape.size(); d-- > 0;) {
-    index[d] = flat % shape[d];
-    flat /= shape[d];
-  }
-  return index;
-}
-
-int64_t ravel(const std::vector<int64_t>& index, const Shape& shape) {
-  int64_t flat = 0;
-  for (size_t d = 0; d < shape.size(); ++d) flat = flat * shape[d] + index[d];
-  return flat;
-}
-
-// Transposes an array by an axis permutation: out axis d is in axis perm[d].
-std::vector<double> transpose(const std::vector<double>& v, const Shape& shape,
-                              const std::vector<int>& perm, Shape* out_shape = nullptr) {
-  Shape to(shape.size());
-  for (size_t d = 0; d < perm.size(); ++d) to[d] = shape[size_t(perm[d])];
-  std::vector<double> out(v.size());
-  for (int64_t e = 0; e < int64_t(v.size()); ++e) {
-    const auto from = unravel(e, to);
-    std::vector<int64_t> src(shape.size());
-    for (size_t d = 0; d < perm.size(); ++d) src[size_t(perm[d])] = from[d];
-    out[size_t(e)] = v[size_t(ravel(src, shape))];
-  }
-  if (out_shape) *out_shape = to;
-  return out;
-}
-
-// A numpy-broadcast mask expanded to x's shape (trailing axes aligned).
-std::vector<uint8_t> expand_mask(const std::vector<uint8_t>& mask, const Shape& mask_shape,
-                                 const Shape& x_shape) {
-  const size_t lead = x_shape.size() - mask_shape.size();
-  std::vector<uint8_t> out(size_t(distgn::element_count(x_shape)));
-  for (int64_t e = 0; e < int64_t(out.size()); ++e) {
-    const auto index = unravel(e, x_shape);
-    std::vector<int64_t> m(mask_shape.size());
-    for (size_t d = 0; d < mask_shape.size(); ++d)
-      m[d] = mask_shape[d] == 1 ? 0 : index[lead + d];
-    out[size_t(e)] = mask[size_t(ravel(m, mask_shape))] ? 1 : 0;
-  }
-  return out;
-}
-
-// ---- the reference (SPEC §3-§6, §9) -----------------------------------------------
-
-// Cells and channels of every element, derived from SPEC §1-§3 directly.
-struct Geometry {
-  Shape shape;
-  int feature = 0;
-  int64_t C = 0, G = 0, S = 0, cells = 0;
-  std::vector<int64_t> cell, channel;  // per element
-};
-
-Geometry geometry(const GroupNormConfig& config, const Shape& shape, Layout layout) {
-  Geometry g;
-  g.shape = shape;
-  const int rank = int(shape.size());
-  g.feature = layout == kLast ? rank - 1 : 1;
-  g.C = shape[size_t(g.feature)];
-  g.G = config.num_groups ? *config.num_groups : g.C / *config.group_size;
-  g.S = g.C / g.G;
-  std::vector<bool> reduced(size_t(rank), false);
-  if (config.reduction_axes) {
-    for (int64_t a : *config.reduction_axes) reduced[size_t(a < 0 ? a + rank : a)] = true;
-  } else {
-    // Flax: range(1, ndim - 1) + [feature axis] (so rank 1 reduces axis 0).
-    for (int d = 1; d < rank; ++d) reduced[size_t(d)] = true;
-    reduced[size_t(g.feature)] = true;
-  }
-  REQUIRE(reduced[size_t(g.feature)]);
-  // Cells: row-major over the kept axes, then the group.
-  Shape kept_shape;
-  for (int d = 0; d < rank; ++d)
-    if (!reduced[size_t(d)]) kept_shape.push_back(shape[size_t(d)]);
-  g.cells = distgn::element_count(kept_shape) * g.G;
-  const int64_t n = distgn::element_count(shape);
-  g.cell.resize(size_t(n));
-  g.channel.resize(size_t(n));
-  for (int64_t e = 0; e < n; ++e) {
-    const auto index = unravel(e, shape);
-    std::vector<int64_t> kept;
-    for (int d = 0; d < rank; ++d)
-      if (!reduced[size_t(d)]) kept.push_back(index[size_t(d)]);
-    const int64_t c = index[size_t(g.feature)];
-    g.channel[size_t(e)] = c;
-    g.cell[size_t(e)] = ravel(kept, kept_shape) * g.G + c / g.S;
-  }
-  return g;
-}
-
-DType ref_stats_dtype(const GroupNormConfig& c, DType x_dtype) {
-  DType t = c.dtype.value_or(x_dtype);
-  if (c.force_float32_reductions && (t == DType::f16 || t == DType::bf16)) t = DType::f32;
-  return t;
-}
-
-struct Reference {
-  Geometry geo;
-  std::vector<double> y, mean, rstd, count;
-  std::vector<double> var;  // unrounded, float64
-};
-
-// SPEC §4-§6 in long double, two-pass; mean, var and rstd rounded to the stats
-// dtype the way SPEC §5/§6 say (the library's ForwardState holds the same).
-Reference reference_forward(const GroupNormConfig& config, const Shape& shape, Layout layout,
-                            DType x_dtype, const std::vector<double>& x,
-                            const std::vector<uint8_t>& mask,  // full shape, or empty
-                            const std::vector<double>& scale, const std::vector<double>& bias) {
-  Reference r;
-  r.geo = geometry(config, shape, layout);
-  const Geometry& g = r.geo;
-  const DType stats = ref_stats_dtype(config, x_dtype);
-  const size_t n = x.size(), cells = size_t(g.cells);
-  std::vector<long double> sum(cells, 0), ss(cells, 0);
-  r.count.assign(cells, 0);
-  for (size_t e = 0; e < n; ++e)
-    if (mask.empty() || mask[e]) {
-      sum[size_t(g.cell[e])] += x[e];
-      r.count[size_t(g.cell[e])] += 1;
-    }
-  std::vector<long double> mu(cells);
-  for (size_t c = 0; c < cells; ++c) mu[c] = sum[c] / r.count[c];  // 0/0 = NaN
-  for (size_t e = 0; e < n; ++e)
-    if (mask.empty() || mask[e]) {
-      const long double d = x[e] - mu[size_t(g.cell[e])];
-      ss[size_t(g.cell[e])] += d * d;
-    }
-  r.mean.resize(cells);
-  r.rstd.resize(cells);
-  r.var.resize(cells);
-  for (size_t c = 0; c < cells; ++c) {
-    double var = double(ss[c] / r.count[c]);
-    r.var[c] = var;
-    r.mean[c] = round_to(stats, double(mu[c]));
-    if (stats == DType::f64) {
-      r.rstd[c] = double(1.0L / std::sqrt((long double)var + config.epsilon));
-      continue;
-    }
-    if (config.use_fast_variance && (stats == DType::f16 || stats == DType::bf16)) {
-      // SPEC 4's fast formula evaluated in the (half) stats dtype:
-      // max(0, mean(x^2) - mean(x)^2), every term rounded.
-      const double mu2 = round_to(stats, double(ss[c] / r.count[c] + mu[c] * mu[c]));
-      var = std::max(0.0, mu2 - round_to(stats, r.mean[c] * r.mean[c]));
-    }
-    // r = rsqrt(var + epsilon) in the stats dtype.
-    const double sum = round_to(stats, round_to(stats, var) + round_to(stats, config.epsilon));
-    r.rstd[c] = round_to(stats, double(1.0L / std::sqrt((long double)sum)));
-  }
-  r.y.resize(n);
-  for (size_t e = 0; e < n; ++e) {
-    const size_t c = size_t(g.cell[e]), ch = size_t(g.channel[e]);
-    const long double m = (long double)r.rstd[c] * (scale.empty() ? 1.0 : scale[ch]);
-    r.y[e] = double((x[e] - (long double)r.mean[c]) * m + (bias.empty() ? 0.0 : bias[ch]));
-  }
-  return r;
-}
-
-struct ReferenceGrad {
-  std::vector<double> dx, dscale, dbias;
-};
-
-// SPEC §9 with the reference's statistics.
-ReferenceGrad reference_backward(const Reference& ref, const std::vector<double>& x,
-                                 const std::vector<double>& dy, const std::vector<uint8_t>& mask,
-                                 const std::vector<double>& scale) {
-  const Geometry& g = ref.geo;
-  const size_t n = x.size(), cells = size_t(g.cells);
-  std::vector<long double> A(cells, 0), B(cells, 0), dscale(size_t(g.C), 0), dbias(size_t(g.C), 0);
-  std::vector<long double> xhat(n), gy(n);
-  for (size_t e = 0; e < n; ++e) {
-    const size_t c = size_t(g.cell[e]), ch = size_t(g.channel[e]);
-    xhat[e] = (x[e] - (long double)ref.mean[c]) * ref.rstd[c];
-    gy[e] = dy[e] * (long double)(scale.empty() ? 1.0 : scale[ch]);
-    A[c] += gy[e];
-    B[c] += gy[e] * xhat[e];
-    dbias[ch] += dy[e];
-    dscale[ch] += dy[e] * xhat[e];
-  }
-  ReferenceGrad out;
-  out.dx.resize(n);
-  for (size_t e = 0; e < n; ++e) {
-    const size_t c = size_t(g.cell[e]);
-    const long double m = mask.empty() || mask[e] ? 1 : 0, cnt = ref.count[c];
-    out.dx[e] = double(ref.rstd[c] * (gy[e] - m * A[c] / cnt - m * xhat[e] * B[c] / cnt));
-  }
-  out.dscale.assign(dscale.begin(), dscale.end());
-  out.dbias.assign(dbias.begin(), dbias.end());
-  return out;
-}
-
-// ---- comparisons ---------------------------------------------------------------
-
-// |got - want| <= atol + rtol * |want| everywhere (NaN only where NaN is wanted).
-void check_close(const std::vector<double>& got, const std::vector<double>& want, double atol,
-                 double rtol, const std::string& what) {
-  REQUIRE(got.size() == want.size());
-  int64_t bad = 0, worst_at = -1;
-  double worst = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const bool ok = std::isnan(want[i])
-                        ? std::isnan(got[i])
-                        : std::abs(got[i] - want[i]) <= atol + rtol * std::abs(want[i]);
-    const double err = std::isnan(got[i]) || std::isnan(want[i]) ? INFINITY
-                                                                   : std::abs(got[i] - want[i]);
-    if (!ok) ++bad;
-    if (!ok && (worst_at < 0 || err > worst)) worst = err, worst_at = int64_t(i);
-  }
-  INFO(what << ": " << bad << " of " << got.size() << " outside " << atol << " + " << rtol
-            << " * |want|; worst at " << worst_at << ": got "
-            << (worst_at >= 0 ? got[size_t(worst_at)] : 0) << " want "
-            << (worst_at >= 0 ? want[size_t(worst_at)] : 0));
-  CHECK(bad == 0);
-}
-
-// One unit in the last place of a (finite) value stored as `dtype`.
-double ulp(DType dtype, double v) {
-  const int mantissa = dtype == DType::f16 ? 10 : dtype == DType::bf16 ? 7 : 23;
-  const int min_exponent = dtype == DType::f16 ? -14 : -126;
-  const int e = v == 0 ? min_exponent : std::max(int(std::floor(std::log2(std::abs(v)))), min_exponent);
-  return std::ldexp(1.0, e - mantissa);
-}
-
-// SPEC §8 for half outputs: one ulp of the output dtype plus 1e-3 relative.
-void check_half_outputs(const std::vector<double>& got, const std::vector<double>& want,
-                        DType dtype, const std::string& what) {
-  REQUIRE(got.size() == want.size());
-  int64_t bad = 0, first = -1;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const bool ok = std::isnan(want[i]) ? std::isnan(got[i])
-                                        : std::abs(got[i] - want[i]) <=
-                                              ulp(dtype, want[i]) + 1e-3 * std::abs(want[i]);
-    if (!ok && bad++ == 0) first = int64_t(i);
-  }
-  INFO(what << ": " << bad << " of " << got.size() << " beyond 1 ulp + 1e-3 rel; first at "
-            << first << ": got " << (first >= 0 ? got[size_t(first)] : 0) << " want "
-            << (first >= 0 ? want[size_t(first)] : 0));
-  CHECK(bad == 0);
-}
 
 // ---- running the layer ---------------------------------------------------------
 
@@ -480,14 +157,6 @@ bool contains(const std::string& text, const std::string& part) {
 }
 
 // How many bytes differ (-1 when the sizes differ). Compared this way so a
-// failure reports a number, not megabytes of expansion.
-int64_t differing_bytes(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b) {
-  if (a.size() != b.size()) return -1;
-  int64_t n = 0;
-  for (size_t i = 0; i < a.size(); ++i) n += a[i] != b[i];
-  return n;
-}
-
 }  // namespace
 
 // ---- forward against the reference ------------------------------------------------
@@ -660,7 +329,7 @@ TEST_CASE("group norm: an all-masked cell gives NaN statistics and outputs for t
       Array x(shape, DType::f32, layout, random_values(2 * 3 * 4 * 8, 5, 0, 1, DType::f32));
       // Mask out every position of cell (n=1, group 0), and a few others.
       std::vector<uint8_t> mask = random_mask(x.size(), 6, 0.9);
-      const Geometry g = geometry(config, shape, layout);
+      const CellMap g = cell_map(config, shape, layout);
       const int64_t dead = 1 * 2 + 0;
       for (int64_t e = 0; e < x.size(); ++e)
         if (g.cell[size_t(e)] == dead) mask[size_t(e)] = 0;
@@ -727,8 +396,8 @@ TEST_CASE("group norm: half and bfloat16 inputs meet SPEC 8's tolerance", "[grou
         // The statistics are in the stats dtype: representable there.
         const DType stats = c.force ? DType::f32 : c.x;
         for (size_t i = 0; i < f.state.mean.size(); ++i) {
-          CHECK(f.state.mean[i] == round_to(stats, f.state.mean[i]));
-          CHECK(f.state.rstd[i] == round_to(stats, f.state.rstd[i]));
+          CHECK(f.state.mean[i] == rounded(stats, f.state.mean[i]));
+          CHECK(f.state.rstd[i] == rounded(stats, f.state.rstd[i]));
         }
         check_close(f.state.mean, ref.mean, 1e-6, stats == DType::f32 ? 1e-6 : 4e-3, "mean");
         check_close(f.state.rstd, ref.rstd, 0, stats == DType::f32 ? 1e-6 : 8e-3, "rstd");
@@ -793,8 +462,8 @@ TEST_CASE("group norm: fast variance at |mean|/std = 1e4 is no worse than Flax's
   const Reference ref = reference_forward(config, shape, kLast, DType::f32, x.values(), {}, {}, {});
   // Flax: mean(x) and mean(x^2) in float32 (pairwise sums, as XLA reduces),
   // var = max(0, mu2 - mu^2).
-  const Geometry& g = ref.geo;
-  std::vector<std::vector<float>> per_cell(size_t(g.cells));
+  const CellMap& g = ref.cells;
+  std::vector<std::vector<float>> per_cell(size_t(g.num_cells));
   const std::vector<double> xv = x.values();
   for (size_t e = 0; e < xv.size(); ++e) per_cell[size_t(g.cell[e])].push_back(float(xv[e]));
   std::function<float(const float*, size_t, bool)> pairwise = [&](const float* v, size_t n,
@@ -1430,7 +1099,7 @@ TEST_CASE("group norm: the parameter buffer holds scale then bias", "[group_norm
     layer.init_parameters(8);
     INFO(distgn::dtype_name(dtype));
     REQUIRE(layer.parameter_bytes() == size_t(16 * distgn::dtype_size(dtype)));
-    for (int i = 0; i < 16; ++i) CHECK(load(dtype, layer.parameters(), i) == (i < 8 ? 2.0 : -3.0));
+    for (int i = 0; i < 16; ++i) CHECK(get_element(dtype, layer.parameters(), i) == (i < 8 ? 2.0 : -3.0));
     CHECK(layer.scale().data == layer.parameters());
     CHECK(static_cast<uint8_t*>(layer.bias().data) ==
           static_cast<uint8_t*>(layer.parameters()) + 8 * distgn::dtype_size(dtype));
@@ -1442,7 +1111,7 @@ TEST_CASE("group norm: the parameter buffer holds scale then bias", "[group_norm
     GroupNorm bias_only(c);
     bias_only.init_parameters(8);
     REQUIRE(bias_only.parameter_bytes() == size_t(8 * distgn::dtype_size(dtype)));
-    for (int i = 0; i < 8; ++i) CHECK(load(dtype, bias_only.parameters(), i) == -3.0);
+    for (int i = 0; i < 8; ++i) CHECK(get_element(dtype, bias_only.parameters(), i) == -3.0);
     CHECK_THROWS_AS(bias_only.scale(), Error);
   }
 }

@@ -21,30 +21,20 @@
 #include "cuda/geometry.hpp"
 #include "cuda/index_maps.hpp"
 #include "distgn/config.hpp"
+#include "reference.hpp"
 
 using namespace distgn;
 using namespace distgn::cuda;
 
 namespace {
 
-double exact_mean(const std::vector<double>& v) {
-  double s = 0;
-  for (double x : v) s += x;
-  return s / double(v.size());
-}
-double exact_m2(const std::vector<double>& v) {
-  const double m = exact_mean(v);
-  double s = 0;
-  for (double x : v) s += (x - m) * (x - m);
-  return s;
-}
-
+// The replayed moments against the reference's two-pass ones.
 void check_moments(const CellMoments& got, const std::vector<double>& values) {
   REQUIRE(got.count == double(values.size()));
   if (values.empty()) return;
-  const double mean = exact_mean(values), m2 = exact_m2(values);
-  CHECK(got.mean == Approx(mean).epsilon(1e-12).margin(1e-12));
-  CHECK(got.m2 == Approx(m2).epsilon(1e-9).margin(1e-9));
+  const distgn_test::Moments want = distgn_test::two_pass_moments(values);
+  CHECK(got.mean == Approx(double(want.mean)).epsilon(1e-12).margin(1e-12));
+  CHECK(got.m2 == Approx(double(want.m2)).epsilon(1e-9).margin(1e-9));
 }
 
 // Values with |mean| >> std in some cells, an occasional masked element.

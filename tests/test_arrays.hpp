@@ -1,0 +1,215 @@
+// Host arrays for the tests: an owned dense array of any storage dtype,
+// seeded random data and masks, N-d indexing, and the comparisons the tests
+// assert with. Elements are read and written through core/half.hpp's
+// conversions (which the Flax golden tests pin), never through the
+// library's own element or kernel code.
+#pragma once
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/half.hpp"
+#include "distgn/tensor.hpp"
+
+namespace distgn_test {
+
+using distgn::DType;
+using distgn::Layout;
+using distgn::Shape;
+using distgn::TensorView;
+
+// ---- storage ------------------------------------------------------------------
+
+inline double get_element(DType dtype, const void* data, int64_t i) {
+  switch (dtype) {
+    case DType::f64: return static_cast<const double*>(data)[i];
+    case DType::f32: return static_cast<const float*>(data)[i];
+    case DType::f16: return distgn::to_float(static_cast<const distgn::half_t*>(data)[i]);
+    case DType::bf16: return distgn::to_float(static_cast<const distgn::bfloat16_t*>(data)[i]);
+  }
+  return std::numeric_limits<double>::quiet_NaN();
+}
+
+// Rounds to the dtype (to nearest, ties to even; halves through float).
+inline void set_element(DType dtype, void* data, int64_t i, double v) {
+  switch (dtype) {
+    case DType::f64: static_cast<double*>(data)[i] = v; break;
+    case DType::f32: static_cast<float*>(data)[i] = float(v); break;
+    case DType::f16: static_cast<distgn::half_t*>(data)[i] = distgn::to_half(float(v)); break;
+    case DType::bf16: static_cast<distgn::bfloat16_t*>(data)[i] = distgn::to_bfloat16(float(v)); break;
+  }
+}
+
+// v as stored in `dtype`, read back.
+inline double rounded(DType dtype, double v) {
+  double out;
+  set_element(dtype, &out, 0, v);  // fits: every dtype is at most 8 bytes
+  return get_element(dtype, &out, 0);
+}
+
+// An owned dense C-ordered array of any storage dtype, in host memory.
+struct Array {
+  Shape shape;
+  DType dtype = DType::f32;
+  Layout layout = Layout::channels_last;
+  std::vector<uint8_t> bytes;
+
+  Array() = default;
+  // Zeros.
+  Array(Shape s, DType t, Layout l = Layout::channels_last)
+      : shape(std::move(s)), dtype(t), layout(l),
+        bytes(size_t(distgn::element_count(shape) * distgn::dtype_size(t))) {}
+  // The values, rounded to the dtype; there must be one per element.
+  Array(Shape s, DType t, Layout l, const std::vector<double>& values) : Array(std::move(s), t, l) {
+    REQUIRE(int64_t(values.size()) == size());
+    for (int64_t i = 0; i < size(); ++i) set(i, values[size_t(i)]);
+  }
+  int64_t size() const { return distgn::element_count(shape); }
+  double get(int64_t i) const { return get_element(dtype, bytes.data(), i); }
+  void set(int64_t i, double v) { set_element(dtype, bytes.data(), i, v); }
+  std::vector<double> values() const {
+    std::vector<double> v(static_cast<size_t>(size()));
+    for (int64_t i = 0; i < size(); ++i) v[size_t(i)] = get(i);
+    return v;
+  }
+  TensorView view() { return TensorView{bytes.data(), shape, dtype, layout}; }
+  void fill_bytes(uint8_t b) { std::fill(bytes.begin(), bytes.end(), b); }
+};
+
+inline std::vector<double> view_values(const TensorView& v) {
+  std::vector<double> out(size_t(distgn::element_count(v.shape)));
+  for (size_t i = 0; i < out.size(); ++i) out[i] = get_element(v.dtype, v.data, int64_t(i));
+  return out;
+}
+
+// ---- random data ----------------------------------------------------------------
+
+// Normal(mean, stddev) values from mt19937_64(seed), rounded to `dtype`.
+inline std::vector<double> random_values(int64_t n, uint64_t seed, double mean = 0.0, double stddev = 1.0,
+                                         DType dtype = DType::f64) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal(mean, stddev);
+  std::vector<double> v(static_cast<size_t>(n));
+  for (double& x : v) x = rounded(dtype, normal(rng));
+  return v;
+}
+
+// 0/1 mask bytes, each valid with probability `valid_fraction`.
+inline std::vector<uint8_t> random_mask(int64_t n, uint64_t seed, double valid_fraction = 0.7) {
+  std::mt19937_64 rng(seed);
+  std::bernoulli_distribution valid(valid_fraction);
+  std::vector<uint8_t> m(static_cast<size_t>(n));
+  for (auto& b : m) b = valid(rng) ? 1 : 0;
+  return m;
+}
+
+// ---- N-d indexing ---------------------------------------------------------------
+
+inline std::vector<int64_t> unravel(int64_t flat, const Shape& shape) {
+  std::vector<int64_t> index(shape.size());
+  for (size_t d = shape.size(); d-- > 0;) {
+    index[d] = flat % shape[d];
+    flat /= shape[d];
+  }
+  return index;
+}
+
+inline int64_t ravel(const std::vector<int64_t>& index, const Shape& shape) {
+  int64_t flat = 0;
+  for (size_t d = 0; d < shape.size(); ++d) flat = flat * shape[d] + index[d];
+  return flat;
+}
+
+// Transposes an array by an axis permutation: out axis d is in axis perm[d].
+inline std::vector<double> transpose(const std::vector<double>& v, const Shape& shape, const std::vector<int>& perm,
+                                     Shape* out_shape = nullptr) {
+  Shape to(shape.size());
+  for (size_t d = 0; d < perm.size(); ++d) to[d] = shape[size_t(perm[d])];
+  std::vector<double> out(v.size());
+  for (int64_t e = 0; e < int64_t(v.size()); ++e) {
+    const auto from = unravel(e, to);
+    std::vector<int64_t> src(shape.size());
+    for (size_t d = 0; d < perm.size(); ++d) src[size_t(perm[d])] = from[d];
+    out[size_t(e)] = v[size_t(ravel(src, shape))];
+  }
+  if (out_shape) *out_shape = to;
+  return out;
+}
+
+// A numpy-broadcast mask expanded to x's shape (trailing axes aligned).
+inline std::vector<uint8_t> expand_mask(const std::vector<uint8_t>& mask, const Shape& mask_shape,
+                                        const Shape& x_shape) {
+  const size_t lead = x_shape.size() - mask_shape.size();
+  std::vector<uint8_t> out(size_t(distgn::element_count(x_shape)));
+  for (int64_t e = 0; e < int64_t(out.size()); ++e) {
+    const auto index = unravel(e, x_shape);
+    std::vector<int64_t> m(mask_shape.size());
+    for (size_t d = 0; d < mask_shape.size(); ++d) m[d] = mask_shape[d] == 1 ? 0 : index[lead + d];
+    out[size_t(e)] = mask[size_t(ravel(m, mask_shape))] ? 1 : 0;
+  }
+  return out;
+}
+
+// ---- comparisons ---------------------------------------------------------------------
+
+// How many bytes differ (-1 when the sizes differ). Compared this way so a
+// failure reports a number, not megabytes of expansion.
+inline int64_t differing_bytes(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b) {
+  if (a.size() != b.size()) return -1;
+  int64_t n = 0;
+  for (size_t i = 0; i < a.size(); ++i) n += a[i] != b[i];
+  return n;
+}
+
+// |got - want| <= atol + rtol * |want| everywhere (NaN only where NaN is wanted).
+inline void check_close(const std::vector<double>& got, const std::vector<double>& want, double atol, double rtol,
+                        const std::string& what) {
+  REQUIRE(got.size() == want.size());
+  int64_t bad = 0, worst_at = -1;
+  double worst = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const bool ok =
+        std::isnan(want[i]) ? std::isnan(got[i]) : std::abs(got[i] - want[i]) <= atol + rtol * std::abs(want[i]);
+    const double err = std::isnan(got[i]) || std::isnan(want[i]) ? INFINITY : std::abs(got[i] - want[i]);
+    if (!ok) ++bad;
+    if (!ok && (worst_at < 0 || err > worst)) worst = err, worst_at = int64_t(i);
+  }
+  INFO(what << ": " << bad << " of " << got.size() << " outside " << atol << " + " << rtol
+            << " * |want|; worst at " << worst_at << ": got " << (worst_at >= 0 ? got[size_t(worst_at)] : 0)
+            << " want " << (worst_at >= 0 ? want[size_t(worst_at)] : 0));
+  CHECK(bad == 0);
+}
+
+// One unit in the last place of a (finite) value stored as `dtype`.
+inline double ulp(DType dtype, double v) {
+  const int mantissa = dtype == DType::f16 ? 10 : dtype == DType::bf16 ? 7 : 23;
+  const int min_exponent = dtype == DType::f16 ? -14 : -126;
+  const int e = v == 0 ? min_exponent : std::max(int(std::floor(std::log2(std::abs(v)))), min_exponent);
+  return std::ldexp(1.0, e - mantissa);
+}
+
+// SPEC §8 for half outputs: one ulp of the output dtype plus 1e-3 relative.
+inline void check_half_outputs(const std::vector<double>& got, const std::vector<double>& want, DType dtype,
+                               const std::string& what) {
+  REQUIRE(got.size() == want.size());
+  int64_t bad = 0, first = -1;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const bool ok = std::isnan(want[i])
+                        ? std::isnan(got[i])
+                        : std::abs(got[i] - want[i]) <= ulp(dtype, want[i]) + 1e-3 * std::abs(want[i]);
+    if (!ok && bad++ == 0) first = int64_t(i);
+  }
+  INFO(what << ": " << bad << " of " << got.size() << " beyond 1 ulp + 1e-3 rel; first at " << first
+            << ": got " << (first >= 0 ? got[size_t(first)] : 0) << " want " << (first >= 0 ? want[size_t(first)] : 0));
+  CHECK(bad == 0);
+}
+
+}  // namespace distgn_test
