@@ -1,20 +1,17 @@
 // Loading the Flax golden cases (tests/data/flax*/manifest.json, written by
-// scripts/gen_flax_golden.py) and SPEC §8's comparison rule.
+// scripts/gen_flax_golden.py) and running one through the layer.
 #pragma once
 
-#include <cmath>
 #include <fstream>
-#include <limits>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
-#include <map>
-
-#include "core/half.hpp"
 #include "distgn/config.hpp"
 #include "distgn/group_norm.hpp"
 #include "io/npy.hpp"
+#include "test_arrays.hpp"
 
 namespace golden {
 
@@ -60,89 +57,16 @@ inline std::vector<double> values(const distgn::io::NpyArray& a) {
   return v;
 }
 
-// One unit in the last place of |v| in a storage dtype.
-inline double ulp(distgn::DType t, double v) {
-  const int mantissa_bits = t == distgn::DType::f16 ? 10 : t == distgn::DType::bf16 ? 7 : t == distgn::DType::f32 ? 23 : 52;
-  const int min_exponent = t == distgn::DType::f16 ? -14 : t == distgn::DType::bf16 || t == distgn::DType::f32 ? -126 : -1022;
-  int exponent = 0;
-  std::frexp(std::fabs(v), &exponent);
-  return std::ldexp(1.0, std::max(exponent - 1, min_exponent) - mantissa_bits);
-}
-
-// SPEC §8 for outputs: float32/64 within 1e-4 (absolute, relative beyond
-// unit scale); half dtypes within one ulp of the output dtype plus 1e-3
-// relative. `narrowest` is the narrowest dtype the computation rounds to.
-inline double tolerance(distgn::DType narrowest, double reference, double ulps = 1.0) {
-  if (narrowest == distgn::DType::f16 || narrowest == distgn::DType::bf16)
-    return ulps * ulp(narrowest, reference) + 1e-3 * std::fabs(reference);
-  return 1e-4 * std::max(1.0, std::fabs(reference));
-}
-
-struct Comparison {
-  int64_t mismatches = 0;
-  int64_t first_bad = -1;
-  double worst_error = 0;  // over finite pairs
-};
-
-// NaN must match NaN; everything else within tolerance(narrowest, m, ulps)
-// at the magnitude m = max(|ref|, floor): a floor at the operands' scale for
-// values that come out of a cancellation (gradients, half arithmetic).
-inline Comparison compare(const std::vector<double>& got, const std::vector<double>& want,
-                          distgn::DType narrowest, double floor = 0.0, double ulps = 1.0) {
-  Comparison c;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const bool nan_got = std::isnan(got[i]), nan_want = std::isnan(want[i]);
-    bool ok;
-    if (nan_got || nan_want) {
-      ok = nan_got && nan_want;
-    } else {
-      const double error = std::fabs(got[i] - want[i]);
-      c.worst_error = std::max(c.worst_error, error);
-      ok = error <= tolerance(narrowest, std::max(std::fabs(want[i]), floor), ulps);
-    }
-    if (!ok && c.mismatches++ == 0) c.first_bad = int64_t(i);
-  }
-  return c;
-}
+// SPEC §8's comparison rule lives with the other comparisons in
+// test_arrays.hpp; tests/cli calls it by this name.
+using distgn_test::compare;
 
 // ---- running a case through the library -----------------------------------
 
-struct Array {
-  distgn::Shape shape;
-  distgn::DType dtype;
-  std::vector<uint8_t> bytes;
-  TensorView view(Layout layout) { return {bytes.data(), shape, dtype, layout}; }
-};
-
-inline Array load(const nlohmann::json& c, const char* key, DType dtype) {
+// An input of a case (the .npy file `key`) converted to `dtype`.
+inline distgn_test::Array load(const nlohmann::json& c, const char* key, DType dtype) {
   const io::NpyArray a = file("flax", c, key);
-  return {a.shape, dtype, io::convert_to(a, dtype)};
-}
-
-inline Array zeros(const Shape& shape, DType dtype) {
-  return {shape, dtype, std::vector<uint8_t>(size_t(element_count(shape) * dtype_size(dtype)))};
-}
-
-inline std::vector<double> values_of(const Array& a) {
-  std::vector<double> out(static_cast<size_t>(element_count(a.shape)));
-  for (size_t i = 0; i < out.size(); ++i) {
-    switch (a.dtype) {
-      case DType::f32: out[i] = reinterpret_cast<const float*>(a.bytes.data())[i]; break;
-      case DType::f64: out[i] = reinterpret_cast<const double*>(a.bytes.data())[i]; break;
-      case DType::f16: out[i] = to_float(reinterpret_cast<const half_t*>(a.bytes.data())[i]); break;
-      case DType::bf16: out[i] = to_float(reinterpret_cast<const bfloat16_t*>(a.bytes.data())[i]); break;
-    }
-  }
-  return out;
-}
-
-inline DType narrower(DType a, DType b) { return dtype_size(a) <= dtype_size(b) ? a : b; }
-
-inline double max_abs(const std::vector<double>& v) {
-  double m = 0;
-  for (double x : v)
-    if (std::isfinite(x)) m = std::max(m, std::fabs(x));
-  return m;
+  return distgn_test::Array::from_bytes(a.shape, dtype, io::convert_to(a, dtype));
 }
 
 // y, dx, dscale, dbias of one case through the layer. With `in_float64` the
@@ -153,7 +77,7 @@ inline std::map<std::string, std::vector<double>> run_case(const nlohmann::json&
   const DType input = in_float64 ? DType::f64 : dtype(c["input_dtype"]);
   if (in_float64) config.dtype = DType::f64;
   GroupNorm layer(config);
-  Array x = load(c, "x", input), dy = load(c, "dy", input);
+  distgn_test::Array x = load(c, "x", input), dy = load(c, "dy", input);
   const Plan plan = layer.plan(x.shape, layout, input);
   if (!in_float64) REQUIRE(plan.output_dtype == dtype(c["output_dtype"]));
   layer.init_parameters(plan.channels);
@@ -168,16 +92,16 @@ inline std::map<std::string, std::vector<double>> run_case(const nlohmann::json&
   }
   const MaskView* mask_ptr = mask_bytes.empty() ? nullptr : &mask;
 
-  Array y = zeros(x.shape, plan.output_dtype), dx = zeros(x.shape, input);
-  Array dscale = zeros({plan.channels}, config.param_dtype), dbias = zeros({plan.channels}, config.param_dtype);
+  distgn_test::Array y(x.shape, plan.output_dtype), dx(x.shape, input);
+  distgn_test::Array dscale({plan.channels}, config.param_dtype), dbias({plan.channels}, config.param_dtype);
   ForwardState state;
   layer.forward(x.view(layout), y.view(layout), mask_ptr, &state);
   TensorView dscale_view = dscale.view(Layout::channels_last), dbias_view = dbias.view(Layout::channels_last);
   layer.backward(x.view(layout), dy.view(layout), mask_ptr, state, dx.view(layout),
                  config.use_scale ? &dscale_view : nullptr, config.use_bias ? &dbias_view : nullptr);
-  std::map<std::string, std::vector<double>> out{{"y", values_of(y)}, {"dx", values_of(dx)}};
-  if (config.use_scale) out["dscale"] = values_of(dscale);
-  if (config.use_bias) out["dbias"] = values_of(dbias);
+  std::map<std::string, std::vector<double>> out{{"y", y.values()}, {"dx", dx.values()}};
+  if (config.use_scale) out["dscale"] = dscale.values();
+  if (config.use_bias) out["dbias"] = dbias.values();
   return out;
 }
 

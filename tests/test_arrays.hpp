@@ -1,8 +1,9 @@
-// Host arrays for the tests: an owned dense array of any storage dtype,
-// seeded random data and masks, N-d indexing, and the comparisons the tests
-// assert with. Elements are read and written through core/half.hpp's
-// conversions (which the Flax golden tests pin), never through the
-// library's own element or kernel code.
+// Host arrays for the tests (core, cuda): an owned dense array of any
+// storage dtype, seeded random data and masks, N-d indexing, and the
+// comparisons the tests assert with, SPEC §8's tolerance among them.
+// Elements are read and written through core/half.hpp's conversions (which
+// the Flax golden tests pin), never through the library's own element or
+// kernel code.
 #pragma once
 
 #include <catch2/catch.hpp>
@@ -72,6 +73,16 @@ struct Array {
     REQUIRE(int64_t(values.size()) == size());
     for (int64_t i = 0; i < size(); ++i) set(i, values[size_t(i)]);
   }
+  // Bytes already in the dtype (from a file, a device, a slice).
+  static Array from_bytes(Shape s, DType t, std::vector<uint8_t> b, Layout l = Layout::channels_last) {
+    Array a;
+    a.shape = std::move(s);
+    a.dtype = t;
+    a.layout = l;
+    a.bytes = std::move(b);
+    return a;
+  }
+
   int64_t size() const { return distgn::element_count(shape); }
   double get(int64_t i) const { return get_element(dtype, bytes.data(), i); }
   void set(int64_t i, double v) { set_element(dtype, bytes.data(), i, v); }
@@ -80,7 +91,10 @@ struct Array {
     for (int64_t i = 0; i < size(); ++i) v[size_t(i)] = get(i);
     return v;
   }
-  TensorView view() { return TensorView{bytes.data(), shape, dtype, layout}; }
+  // A host view for the layer, in the array's layout or another one. Const:
+  // the layer takes its inputs through the same view type as its outputs.
+  TensorView view(Layout l) const { return TensorView{const_cast<uint8_t*>(bytes.data()), shape, dtype, l}; }
+  TensorView view() const { return view(layout); }
   void fill_bytes(uint8_t b) { std::fill(bytes.begin(), bytes.end(), b); }
 };
 
@@ -102,12 +116,30 @@ inline std::vector<double> random_values(int64_t n, uint64_t seed, double mean =
   return v;
 }
 
+// An array of random_values.
+inline Array random_array(const Shape& shape, DType dtype, uint64_t seed, double mean = 0.5, double stddev = 1.0,
+                          Layout layout = Layout::channels_last) {
+  Array a(shape, dtype, layout);
+  const std::vector<double> v = random_values(a.size(), seed, mean, stddev, dtype);
+  for (int64_t i = 0; i < a.size(); ++i) a.set(i, v[size_t(i)]);
+  return a;
+}
+
 // 0/1 mask bytes, each valid with probability `valid_fraction`.
 inline std::vector<uint8_t> random_mask(int64_t n, uint64_t seed, double valid_fraction = 0.7) {
   std::mt19937_64 rng(seed);
   std::bernoulli_distribution valid(valid_fraction);
   std::vector<uint8_t> m(static_cast<size_t>(n));
   for (auto& b : m) b = valid(rng) ? 1 : 0;
+  return m;
+}
+
+// Mask bytes drawn from `rng`: 0 where rng() % one_in == 0 (about one in
+// `one_in`), `valid` (any nonzero is valid) elsewhere.
+template <class Rng>
+std::vector<uint8_t> random_mask_one_in(int64_t n, Rng& rng, unsigned one_in, uint8_t valid = 1) {
+  std::vector<uint8_t> m(static_cast<size_t>(n));
+  for (auto& b : m) b = rng() % one_in != 0 ? valid : 0;
   return m;
 }
 
@@ -169,6 +201,17 @@ inline int64_t differing_bytes(const std::vector<uint8_t>& a, const std::vector<
   return n;
 }
 
+// The largest finite |v|.
+inline double max_abs(const std::vector<double>& v) {
+  double m = 0;
+  for (double x : v)
+    if (std::isfinite(x)) m = std::max(m, std::fabs(x));
+  return m;
+}
+
+// The dtype of fewer bytes.
+inline DType narrower(DType a, DType b) { return distgn::dtype_size(a) <= distgn::dtype_size(b) ? a : b; }
+
 // |got - want| <= atol + rtol * |want| everywhere (NaN only where NaN is wanted).
 inline void check_close(const std::vector<double>& got, const std::vector<double>& want, double atol, double rtol,
                         const std::string& what) {
@@ -188,28 +231,63 @@ inline void check_close(const std::vector<double>& got, const std::vector<double
   CHECK(bad == 0);
 }
 
-// One unit in the last place of a (finite) value stored as `dtype`.
-inline double ulp(DType dtype, double v) {
-  const int mantissa = dtype == DType::f16 ? 10 : dtype == DType::bf16 ? 7 : 23;
-  const int min_exponent = dtype == DType::f16 ? -14 : -126;
-  const int e = v == 0 ? min_exponent : std::max(int(std::floor(std::log2(std::abs(v)))), min_exponent);
-  return std::ldexp(1.0, e - mantissa);
+// One unit in the last place of a finite |v| stored as `dtype` (the spacing
+// of the subnormals at and below the smallest normal, 0 included).
+inline double ulp(DType t, double v) {
+  const int mantissa_bits = t == DType::f16 ? 10 : t == DType::bf16 ? 7 : t == DType::f32 ? 23 : 52;
+  const int min_exponent = t == DType::f16 ? -14 : t == DType::bf16 || t == DType::f32 ? -126 : -1022;
+  if (v == 0) return std::ldexp(1.0, min_exponent - mantissa_bits);
+  int exponent = 0;
+  std::frexp(std::fabs(v), &exponent);
+  return std::ldexp(1.0, std::max(exponent - 1, min_exponent) - mantissa_bits);
 }
 
-// SPEC §8 for half outputs: one ulp of the output dtype plus 1e-3 relative.
+// SPEC §8 for outputs: float32/64 within 1e-4 (absolute, relative beyond
+// unit scale); half dtypes within one ulp of the output dtype plus 1e-3
+// relative. `narrowest` is the narrowest dtype the computation rounds to.
+inline double tolerance(DType narrowest, double reference, double ulps = 1.0) {
+  if (narrowest == DType::f16 || narrowest == DType::bf16)
+    return ulps * ulp(narrowest, reference) + 1e-3 * std::fabs(reference);
+  return 1e-4 * std::max(1.0, std::fabs(reference));
+}
+
+struct Comparison {
+  int64_t mismatches = 0;
+  int64_t first_bad = -1;
+  double worst_error = 0;  // over finite pairs
+};
+
+// NaN must match NaN; everything else within tolerance(narrowest, m, ulps)
+// at the magnitude m = max(|ref|, floor): a floor at the operands' scale for
+// values that come out of a cancellation (gradients, half arithmetic).
+inline Comparison compare(const std::vector<double>& got, const std::vector<double>& want, DType narrowest,
+                          double floor = 0.0, double ulps = 1.0) {
+  Comparison c;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const bool nan_got = std::isnan(got[i]), nan_want = std::isnan(want[i]);
+    bool ok;
+    if (nan_got || nan_want) {
+      ok = nan_got && nan_want;
+    } else {
+      const double error = std::fabs(got[i] - want[i]);
+      c.worst_error = std::max(c.worst_error, error);
+      ok = error <= tolerance(narrowest, std::max(std::fabs(want[i]), floor), ulps);
+    }
+    if (!ok && c.mismatches++ == 0) c.first_bad = int64_t(i);
+  }
+  return c;
+}
+
+// SPEC §8 for half outputs (compare's rule at unit ulps, no floor), as a
+// Catch check reporting the first mismatch.
 inline void check_half_outputs(const std::vector<double>& got, const std::vector<double>& want, DType dtype,
                                const std::string& what) {
   REQUIRE(got.size() == want.size());
-  int64_t bad = 0, first = -1;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const bool ok = std::isnan(want[i])
-                        ? std::isnan(got[i])
-                        : std::abs(got[i] - want[i]) <= ulp(dtype, want[i]) + 1e-3 * std::abs(want[i]);
-    if (!ok && bad++ == 0) first = int64_t(i);
-  }
-  INFO(what << ": " << bad << " of " << got.size() << " beyond 1 ulp + 1e-3 rel; first at " << first
+  const Comparison c = compare(got, want, dtype);
+  const int64_t first = c.first_bad;
+  INFO(what << ": " << c.mismatches << " of " << got.size() << " beyond 1 ulp + 1e-3 rel; first at " << first
             << ": got " << (first >= 0 ? got[size_t(first)] : 0) << " want " << (first >= 0 ? want[size_t(first)] : 0));
-  CHECK(bad == 0);
+  CHECK(c.mismatches == 0);
 }
 
 }  // namespace distgn_test

@@ -5,11 +5,13 @@
 
 #include "distgn/group_norm.hpp"
 #include "golden.hpp"
+#include "test_arrays.hpp"
 
 using namespace distgn;
 
-using golden::max_abs;
-using golden::narrower;
+using distgn_test::compare;
+using distgn_test::max_abs;
+using distgn_test::narrower;
 using golden::run_case;
 
 TEST_CASE("flax golden: every case matches Flax forward and backward", "[golden]") {
@@ -53,7 +55,7 @@ TEST_CASE("flax golden: every case matches Flax forward and backward", "[golden]
         // separately before adding them; distgn rounds once: allow 4 ulps.
         const double floor = std::string(key) == "y" ? (half_stats ? 1.0 : 0.0) : std::max(1.0, max_abs(want));
         const double ulps = half_stats || (std::string(key) == "dx" && dtype_size(input) == 2) ? 4.0 : 1.0;
-        const auto vs_flax = golden::compare(mine, want, narrowest, floor, ulps);
+        const auto vs_flax = compare(mine, want, narrowest, floor, ulps);
         if (vs_flax.mismatches == 0 || half_stats) {
           INFO(key << " vs Flax: worst error " << vs_flax.worst_error << ", first mismatch at "
                    << vs_flax.first_bad);
@@ -67,8 +69,8 @@ TEST_CASE("flax golden: every case matches Flax forward and backward", "[golden]
         std::vector<double>& exact = truth[key];
         for (size_t i = 0; std::string(key) == "dx" && i < exact.size(); ++i)
           if (skip_dx[i]) exact[i] = 0;
-        const auto ours = golden::compare(mine, exact, narrowest, floor, ulps);
-        const auto flax = golden::compare(want, exact, narrowest, floor, ulps);
+        const auto ours = compare(mine, exact, narrowest, floor, ulps);
+        const auto flax = compare(want, exact, narrowest, floor, ulps);
         INFO(key << " vs float64: distgn worst error " << ours.worst_error << ", Flax "
                  << flax.worst_error << " (Flax itself off by more than the tolerance)");
         CHECK(ours.mismatches == 0);

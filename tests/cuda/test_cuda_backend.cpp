@@ -15,7 +15,6 @@
 #include <random>
 
 #include "core/backend.hpp"
-#include "core/element.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "cuda/device_memory.hpp"
@@ -24,12 +23,18 @@
 #include "distgn/error.hpp"
 #include "distgn/group_norm.hpp"
 #include "golden.hpp"
+#include "test_arrays.hpp"
 #if DISTGN_WITH_NCCL
 #include <nccl.h>
 #endif
 
 using namespace distgn;
-using golden::Array;
+using distgn_test::Array;
+using distgn_test::Comparison;
+using distgn_test::compare;
+using distgn_test::max_abs;
+using distgn_test::narrower;
+using distgn_test::random_mask_one_in;
 
 namespace {
 
@@ -54,12 +59,12 @@ void from_device(void* host, const DeviceCopy& d) {
   if (d.bytes) CUDA_OK(cudaMemcpy(host, d.data, d.bytes, cudaMemcpyDeviceToHost));
 }
 
-Array random_array(const Shape& shape, DType dtype, uint64_t seed, double mean = 0.5, double spread = 1.0) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> normal(0.0, 1.0);
-  Array a = golden::zeros(shape, dtype);
-  for (int64_t i = 0; i < element_count(shape); ++i)
-    store_element(dtype, a.bytes.data(), i, mean + spread * normal(rng) + 0.01 * double(i % 17));
+// Normal(mean, spread) data (test_arrays.hpp's random values) plus a ramp of
+// period 17, rounded to `dtype`.
+Array ramped_random_array(const Shape& shape, DType dtype, uint64_t seed, double mean, double spread) {
+  const std::vector<double> v = distgn_test::random_values(element_count(shape), seed, mean, spread);
+  Array a(shape, dtype);
+  for (int64_t i = 0; i < a.size(); ++i) a.set(i, v[size_t(i)] + 0.01 * double(i % 17));
   return a;
 }
 
@@ -87,33 +92,29 @@ struct Outputs {
   std::vector<uint8_t> y_bytes, dx_bytes;
 };
 
-TensorView host_view(const Array& a, Layout layout) {
-  return {const_cast<uint8_t*>(a.bytes.data()), a.shape, a.dtype, layout, Device::cpu};
-}
-
 Outputs run_layer(const Inputs& in, bool gpu, const GpuOptions& options = {}) {
   GroupNorm layer(in.config);
   const Plan plan = layer.plan(in.x.shape, in.layout, in.x.dtype);
   layer.init_parameters(plan.channels);
   const DType pd = in.config.param_dtype;
   if (!in.scale.empty()) {
-    Array s = golden::zeros({plan.channels}, pd);
-    for (int64_t c = 0; c < plan.channels; ++c) store_element(pd, s.bytes.data(), c, in.scale[size_t(c)]);
-    layer.set_scale(s.view(Layout::channels_last));
+    Array s({plan.channels}, pd);
+    for (int64_t c = 0; c < plan.channels; ++c) s.set(c, in.scale[size_t(c)]);
+    layer.set_scale(s.view());
   }
   if (!in.bias.empty()) {
-    Array b = golden::zeros({plan.channels}, pd);
-    for (int64_t c = 0; c < plan.channels; ++c) store_element(pd, b.bytes.data(), c, in.bias[size_t(c)]);
-    layer.set_bias(b.view(Layout::channels_last));
+    Array b({plan.channels}, pd);
+    for (int64_t c = 0; c < plan.channels; ++c) b.set(c, in.bias[size_t(c)]);
+    layer.set_bias(b.view());
   }
-  Array y = golden::zeros(in.x.shape, plan.output_dtype), dx = golden::zeros(in.x.shape, in.x.dtype);
-  Array dscale = golden::zeros({plan.channels}, pd), dbias = golden::zeros({plan.channels}, pd);
+  Array y(in.x.shape, plan.output_dtype), dx(in.x.shape, in.x.dtype);
+  Array dscale({plan.channels}, pd), dbias({plan.channels}, pd);
   Outputs out;
   MaskView mask{in.mask.data(), in.mask_shape, Device::cpu};
   if (!gpu) {
-    layer.forward(host_view(in.x, in.layout), y.view(in.layout), in.has_mask ? &mask : nullptr, &out.state);
+    layer.forward(in.x.view(in.layout), y.view(in.layout), in.has_mask ? &mask : nullptr, &out.state);
     TensorView ds = dscale.view(Layout::channels_last), db = dbias.view(Layout::channels_last);
-    layer.backward(host_view(in.x, in.layout), host_view(in.dy, in.layout), in.has_mask ? &mask : nullptr, out.state,
+    layer.backward(in.x.view(in.layout), in.dy.view(in.layout), in.has_mask ? &mask : nullptr, out.state,
                    dx.view(in.layout), in.config.use_scale ? &ds : nullptr, in.config.use_bias ? &db : nullptr);
   } else {
     layer.set_stream(options.stream);
@@ -147,10 +148,10 @@ Outputs run_layer(const Inputs& in, bool gpu, const GpuOptions& options = {}) {
     }
     GroupNorm::copy_statistics_to_host(out.state);
   }
-  out.values["y"] = golden::values_of(y);
-  out.values["dx"] = golden::values_of(dx);
-  if (in.config.use_scale) out.values["dscale"] = golden::values_of(dscale);
-  if (in.config.use_bias) out.values["dbias"] = golden::values_of(dbias);
+  out.values["y"] = y.values();
+  out.values["dx"] = dx.values();
+  if (in.config.use_scale) out.values["dscale"] = dscale.values();
+  if (in.config.use_bias) out.values["dbias"] = dbias.values();
   out.y_bytes = y.bytes;
   out.dx_bytes = dx.bytes;
   return out;
@@ -166,10 +167,10 @@ void compare_runs(const Inputs& in, const Outputs& gpu, const Outputs& cpu) {
     const std::vector<double>& got = gpu.values.at(key);
     REQUIRE(got.size() == want.size());
     const DType dtype = key == "y" ? plan.output_dtype : key == "dx" ? plan.input_dtype : in.config.param_dtype;
-    const DType narrowest = golden::narrower(dtype, plan.stats_dtype);
-    const double floor = key == "y" ? 1.0 : std::max(1.0, golden::max_abs(want));
+    const DType narrowest = narrower(dtype, plan.stats_dtype);
+    const double floor = key == "y" ? 1.0 : std::max(1.0, max_abs(want));
     const double ulps = dtype_size(narrowest) == 2 || half_stats ? 2.0 : 1.0;
-    const golden::Comparison c = golden::compare(got, want, narrowest, floor, ulps);
+    const Comparison c = compare(got, want, narrowest, floor, ulps);
     INFO(key << ": " << c.mismatches << " mismatches, worst error " << c.worst_error << ", first at " << c.first_bad
               << (c.first_bad >= 0 ? " (gpu " + std::to_string(got[size_t(c.first_bad)]) + ", cpu " +
                                          std::to_string(want[size_t(c.first_bad)]) + ")"
@@ -226,8 +227,8 @@ Inputs make_inputs(const MatrixCase& m, uint64_t seed) {
   in.config.use_fast_variance = !m.exact;
   in.config.use_scale = in.config.use_bias = m.affine;
   in.layout = m.layout;
-  in.x = random_array(m.shape, m.x, seed, m.mean);
-  in.dy = random_array(m.shape, m.dy.value_or(m.x), seed + 1, 0.0);
+  in.x = ramped_random_array(m.shape, m.x, seed, m.mean, 1.0);
+  in.dy = ramped_random_array(m.shape, m.dy.value_or(m.x), seed + 1, 0.0, 1.0);
   const int feature = m.layout == Layout::channels_last ? int(m.shape.size()) - 1 : 1;
   const int64_t channels = m.shape[size_t(feature)];
   if (m.affine) {
@@ -239,16 +240,14 @@ Inputs make_inputs(const MatrixCase& m, uint64_t seed) {
   std::mt19937_64 rng(seed + 2);
   if (m.mask == "full" || m.mask == "nan") {
     in.mask_shape = m.shape;
-    in.mask.resize(size_t(element_count(m.shape)));
-    for (auto& b : in.mask) b = (rng() % 5) != 0 ? 1 : 0;
+    in.mask = random_mask_one_in(element_count(m.shape), rng, 5);
     if (m.mask == "nan")  // NaN data at masked positions must not leak into the statistics
       for (size_t i = 0; i < in.mask.size(); ++i)
-        if (!in.mask[i]) store_element(m.x, in.x.bytes.data(), int64_t(i), std::nan(""));
+        if (!in.mask[i]) in.x.set(int64_t(i), std::nan(""));
   } else if (m.mask == "broadcast") {
     in.mask_shape = m.shape;
     in.mask_shape[0] = 1;  // (1, ..., C): the same mask for every sample
-    in.mask.resize(size_t(element_count(in.mask_shape)));
-    for (auto& b : in.mask) b = (rng() % 4) != 0 ? 7 : 0;  // any nonzero is valid
+    in.mask = random_mask_one_in(element_count(in.mask_shape), rng, 4, 7);  // any nonzero is valid
   }
   in.has_mask = !m.mask.empty();
   return in;
@@ -504,21 +503,21 @@ TEST_CASE("cuda: the Backend interface with device data and host per-cell arrays
       }
       const Coefficients coef{plan.compute_dtype, mean.data(), rstd.data(), in.scale.empty() ? nullptr : in.scale.data(),
                               in.bias.empty() ? nullptr : in.bias.data()};
-      Array y_cpu = golden::zeros(plan.shape, plan.output_dtype), y_gpu = y_cpu;
+      Array y_cpu(plan.shape, plan.output_dtype), y_gpu = y_cpu;
       cpu->normalize(host_in, all, coef, y_cpu.bytes.data(), plan.output_dtype);
       DeviceCopy yd = to_device(y_gpu.bytes.data(), y_gpu.bytes.size());
       gpu->normalize(dev_in, all, coef, yd.data, plan.output_dtype);
       gpu->synchronize();
       from_device(y_gpu.bytes.data(), yd);
-      const auto y_cmp = golden::compare(golden::values_of(y_gpu), golden::values_of(y_cpu),
-                                         golden::narrower(plan.output_dtype, plan.stats_dtype), 1.0, 2.0);
+      const auto y_cmp =
+          compare(y_gpu.values(), y_cpu.values(), narrower(plan.output_dtype, plan.stats_dtype), 1.0, 2.0);
       CHECK(y_cmp.mismatches == 0);
 
       std::vector<double> sums_cpu(static_cast<size_t>(2 * cells)), sums_gpu(static_cast<size_t>(2 * cells));
       std::vector<double> ch_cpu(size_t(2 * C), 0.0), ch_gpu(size_t(2 * C), 0.0);
       cpu->backward_sums(host_in, in.dy.bytes.data(), in.dy.dtype, all, coef, sums_cpu.data(), ch_cpu.data());
       gpu->backward_sums(dev_in, dyd.data, in.dy.dtype, all, coef, sums_gpu.data(), ch_gpu.data());
-      const double scale_sums = std::max(1.0, golden::max_abs(sums_cpu)), scale_ch = std::max(1.0, golden::max_abs(ch_cpu));
+      const double scale_sums = std::max(1.0, max_abs(sums_cpu)), scale_ch = std::max(1.0, max_abs(ch_cpu));
       for (size_t i = 0; i < sums_cpu.size(); ++i) CHECK(std::fabs(sums_gpu[i] - sums_cpu[i]) <= 1e-5 * scale_sums);
       for (size_t i = 0; i < ch_cpu.size(); ++i) CHECK(std::fabs(ch_gpu[i] - ch_cpu[i]) <= 1e-5 * scale_ch);
 
@@ -527,15 +526,14 @@ TEST_CASE("cuda: the Backend interface with device data and host per-cell arrays
         terms[size_t(2 * c)] = sums_cpu[size_t(2 * c)] / want[size_t(c)].count;
         terms[size_t(2 * c + 1)] = sums_cpu[size_t(2 * c + 1)] / want[size_t(c)].count;
       }
-      Array dx_cpu = golden::zeros(plan.shape, plan.input_dtype), dx_gpu = dx_cpu;
+      Array dx_cpu(plan.shape, plan.input_dtype), dx_gpu = dx_cpu;
       cpu->input_grad(host_in, in.dy.bytes.data(), in.dy.dtype, all, coef, terms.data(), dx_cpu.bytes.data());
       DeviceCopy dxd = to_device(dx_gpu.bytes.data(), dx_gpu.bytes.size());
       gpu->input_grad(dev_in, dyd.data, in.dy.dtype, all, coef, terms.data(), dxd.data);
       gpu->synchronize();
       from_device(dx_gpu.bytes.data(), dxd);
-      const std::vector<double> dx_want = golden::values_of(dx_cpu);
-      const auto dx_cmp = golden::compare(golden::values_of(dx_gpu), dx_want, plan.input_dtype,
-                                          std::max(1.0, golden::max_abs(dx_want)), 2.0);
+      const std::vector<double> dx_want = dx_cpu.values();
+      const auto dx_cmp = compare(dx_gpu.values(), dx_want, plan.input_dtype, std::max(1.0, max_abs(dx_want)), 2.0);
       CHECK(dx_cmp.mismatches == 0);
     }
   }
@@ -562,11 +560,11 @@ TEST_CASE("cuda: every Flax golden case, device tensors against host tensors", "
       const Plan plan = resolve(in.config, in.x.shape, in.layout, input);
       if (golden::has_file(c, "scale")) {
         const Array s = golden::load(c, "scale", in.config.param_dtype);
-        for (int64_t i = 0; i < plan.channels; ++i) in.scale.push_back(load_element(s.dtype, s.bytes.data(), i));
+        for (int64_t i = 0; i < plan.channels; ++i) in.scale.push_back(s.get(i));
       }
       if (golden::has_file(c, "bias")) {
         const Array b = golden::load(c, "bias", in.config.param_dtype);
-        for (int64_t i = 0; i < plan.channels; ++i) in.bias.push_back(load_element(b.dtype, b.bytes.data(), i));
+        for (int64_t i = 0; i < plan.channels; ++i) in.bias.push_back(b.get(i));
       }
       const Outputs cpu = run_layer(in, false);
       GpuOptions options;
@@ -751,16 +749,16 @@ TEST_CASE("cuda: the NCCL communicator with one rank", "[nccl]") {
       GroupNorm layer(in.config, comm);
       const Plan plan = layer.plan(in.x.shape, in.layout, in.x.dtype);
       layer.init_parameters(plan.channels);
-      Array s = golden::zeros({plan.channels}, in.config.param_dtype), b = s;
+      Array s({plan.channels}, in.config.param_dtype), b = s;
       for (int64_t c = 0; c < plan.channels; ++c) {
-        store_element(s.dtype, s.bytes.data(), c, in.scale[size_t(c)]);
-        store_element(b.dtype, b.bytes.data(), c, in.bias[size_t(c)]);
+        s.set(c, in.scale[size_t(c)]);
+        b.set(c, in.bias[size_t(c)]);
       }
-      layer.set_scale(s.view(Layout::channels_last));
-      layer.set_bias(b.view(Layout::channels_last));
+      layer.set_scale(s.view());
+      layer.set_bias(b.view());
       layer.set_stream(stream.get());
       DeviceCopy xd = to_device(in.x.bytes.data(), in.x.bytes.size());
-      Array y = golden::zeros(in.x.shape, plan.output_dtype);
+      Array y(in.x.shape, plan.output_dtype);
       DeviceCopy yd = to_device(y.bytes.data(), y.bytes.size());
       ForwardState state;
       layer.forward({xd.data, in.x.shape, in.x.dtype, in.layout, Device::cuda},
