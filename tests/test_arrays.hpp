@@ -1,9 +1,9 @@
-// Host arrays for the tests (core, cuda): an owned dense array of any
-// storage dtype, seeded random data and masks, N-d indexing, and the
-// comparisons the tests assert with, SPEC §8's tolerance among them.
-// Elements are read and written through core/half.hpp's conversions (which
-// the Flax golden tests pin), never through the library's own element or
-// kernel code.
+// Host arrays for the tests (core, comm, cpu, cuda): an owned dense array of
+// any storage dtype, seeded random data and masks, N-d indexing, the
+// numpy.array_split shards of the distributed tests, and the comparisons the
+// tests assert with, SPEC §8's tolerance among them. Elements are read and
+// written through core/half.hpp's conversions (which the Flax golden tests
+// pin), never through the library's own element or kernel code.
 #pragma once
 
 #include <catch2/catch.hpp>
@@ -190,7 +190,57 @@ inline std::vector<uint8_t> expand_mask(const std::vector<uint8_t>& mask, const 
   return out;
 }
 
+// ---- shards (the distributed tests) -------------------------------------------------
+
+// numpy.array_split: [begin, end) of part r of `parts` over n.
+inline std::pair<int64_t, int64_t> part(int64_t n, int parts, int r) {
+  const int64_t base = n / parts, extra = n % parts;
+  const int64_t begin = r * base + std::min<int64_t>(r, extra);
+  return {begin, begin + base + (r < extra ? 1 : 0)};
+}
+
+// [begin, end) along `axis` of C-ordered `bytes` of `shape`, elements of
+// `element_size` bytes (1 for a mask).
+inline std::vector<uint8_t> slice_bytes(const std::vector<uint8_t>& bytes, const Shape& shape, int axis,
+                                        int64_t begin, int64_t end, int element_size) {
+  int64_t outer = 1, inner = 1;
+  for (int d = 0; d < axis; ++d) outer *= shape[size_t(d)];
+  for (size_t d = size_t(axis) + 1; d < shape.size(); ++d) inner *= shape[d];
+  const int64_t extent = shape[size_t(axis)];
+  std::vector<uint8_t> out;
+  for (int64_t o = 0; o < outer; ++o)
+    out.insert(out.end(), bytes.begin() + (o * extent + begin) * inner * element_size,
+               bytes.begin() + (o * extent + end) * inner * element_size);
+  return out;
+}
+
+// Part r of `parts` of `a` along `axis` (numpy.array_split).
+inline Array shard(const Array& a, int axis, int parts, int r) {
+  const auto [begin, end] = part(a.shape[size_t(axis)], parts, r);
+  Shape shape = a.shape;
+  shape[size_t(axis)] = end - begin;
+  return Array::from_bytes(shape, a.dtype,
+                           slice_bytes(a.bytes, a.shape, axis, begin, end, distgn::dtype_size(a.dtype)), a.layout);
+}
+
 // ---- comparisons ---------------------------------------------------------------------
+
+// The largest |a - b| over positions where neither is NaN; infinity where
+// only one of them is NaN.
+template <class T>
+double max_difference(const T* a, const T* b, size_t n) {
+  double worst = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (std::isnan(a[i]) != std::isnan(b[i])) return INFINITY;
+    if (!std::isnan(a[i])) worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])));
+  }
+  return worst;
+}
+
+inline double max_difference(const std::vector<double>& a, const std::vector<double>& b) {
+  REQUIRE(a.size() == b.size());
+  return max_difference(a.data(), b.data(), a.size());
+}
 
 // How many bytes differ (-1 when the sizes differ). Compared this way so a
 // failure reports a number, not megabytes of expansion.

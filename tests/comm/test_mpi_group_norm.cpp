@@ -11,54 +11,21 @@
 
 #include "distgn/error.hpp"
 #include "distgn/group_norm.hpp"
+#include "test_arrays.hpp"
 
 using namespace distgn;
+using distgn_test::Array;
+using distgn_test::max_difference;
+using distgn_test::part;
+using distgn_test::random_array;
+using distgn_test::random_mask_one_in;
+using distgn_test::shard;
+using distgn_test::slice_bytes;
 
 namespace {
 
 int world_rank() { return mpi_communicator()->rank(); }
 int world_size() { return mpi_communicator()->size(); }
-
-// A float64 host array.
-struct Array {
-  Shape shape;
-  std::vector<double> v;
-  TensorView view(Layout layout) { return {v.data(), shape, DType::f64, layout}; }
-};
-
-Array random_array(const Shape& shape, uint64_t seed, double mean = 0.5, double spread = 1.0) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> normal(mean, spread);
-  Array a{shape, std::vector<double>(size_t(element_count(shape)))};
-  for (double& x : a.v) x = normal(rng);
-  return a;
-}
-
-// numpy.array_split part r of P along `axis`.
-std::pair<int64_t, int64_t> part(int64_t n, int parts, int r) {
-  const int64_t base = n / parts, extra = n % parts;
-  const int64_t begin = r * base + std::min<int64_t>(r, extra);
-  return {begin, begin + base + (r < extra ? 1 : 0)};
-}
-
-template <class T>
-std::vector<T> slice(const std::vector<T>& v, const Shape& shape, int axis, int64_t begin, int64_t end) {
-  int64_t outer = 1, inner = 1;
-  for (int d = 0; d < axis; ++d) outer *= shape[size_t(d)];
-  for (size_t d = size_t(axis) + 1; d < shape.size(); ++d) inner *= shape[d];
-  const int64_t extent = shape[size_t(axis)];
-  std::vector<T> out;
-  for (int64_t o = 0; o < outer; ++o)
-    out.insert(out.end(), v.begin() + (o * extent + begin) * inner, v.begin() + (o * extent + end) * inner);
-  return out;
-}
-
-Array shard(const Array& a, int axis, int parts, int r) {
-  const auto [begin, end] = part(a.shape[size_t(axis)], parts, r);
-  Array out{a.shape, slice(a.v, a.shape, axis, begin, end)};
-  out.shape[size_t(axis)] = end - begin;
-  return out;
-}
 
 struct Result {
   Array y, dx;
@@ -79,15 +46,15 @@ struct Case {
 Result run(GroupNorm& layer, const Case& c, Array x, Array dy, std::vector<uint8_t>* mask,
            ParamGradReduction reduction) {
   Result r;
-  r.y = {x.shape, std::vector<double>(x.v.size())};
-  r.dx = {x.shape, std::vector<double>(x.v.size())};
+  r.y = Array(x.shape, DType::f64);
+  r.dx = Array(x.shape, DType::f64);
   const Plan plan = layer.plan(x.shape, c.layout, DType::f64);
   layer.init_parameters(plan.channels);
-  // Non-trivial parameters, the same on every rank.
-  Array scale = random_array({plan.channels}, 77, 1.0, 0.3), bias = random_array({plan.channels}, 78, 0.0, 0.5);
-  std::vector<float> scale32(scale.v.begin(), scale.v.end()), bias32(bias.v.begin(), bias.v.end());
-  layer.set_scale({scale32.data(), {plan.channels}, DType::f32});
-  layer.set_bias({bias32.data(), {plan.channels}, DType::f32});
+  // Non-trivial float32 parameters, the same on every rank.
+  const Array scale = random_array({plan.channels}, DType::f32, 77, 1.0, 0.3);
+  const Array bias = random_array({plan.channels}, DType::f32, 78, 0.0, 0.5);
+  layer.set_scale(scale.view());
+  layer.set_bias(bias.view());
   MaskView mask_view{mask ? mask->data() : nullptr, x.shape};
   const MaskView* m = mask ? &mask_view : nullptr;
   layer.forward(x.view(c.layout), r.y.view(c.layout), m, &r.state);
@@ -99,16 +66,6 @@ Result run(GroupNorm& layer, const Case& c, Array x, Array dy, std::vector<uint8
   r.dscale.assign(dscale.begin(), dscale.end());
   r.dbias.assign(dbias.begin(), dbias.end());
   return r;
-}
-
-double max_difference(const std::vector<double>& a, const std::vector<double>& b) {
-  REQUIRE(a.size() == b.size());
-  double worst = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::isnan(a[i]) != std::isnan(b[i])) return INFINITY;
-    if (!std::isnan(a[i])) worst = std::max(worst, std::fabs(a[i] - b[i]));
-  }
-  return worst;
 }
 
 std::vector<int> all_ranks() {
@@ -128,11 +85,11 @@ void check_against_single_process(const Case& c) {
       if (std::find(g.begin(), g.end(), rank) != g.end()) members = g;
   const int position = int(std::find(members.begin(), members.end(), rank) - members.begin());
   const int parts = int(members.size());
-  const Array x = random_array(c.shape, 1, c.mean), dy = random_array(c.shape, 2);
+  const Array x = random_array(c.shape, DType::f64, 1, c.mean), dy = random_array(c.shape, DType::f64, 2);
   std::vector<uint8_t> mask;
   if (c.mask) {
     std::mt19937 rng(3);
-    for (int64_t i = 0; i < element_count(c.shape); ++i) mask.push_back(rng() % 4 != 0);
+    mask = random_mask_one_in(element_count(c.shape), rng, 4);
   }
   GroupNormConfig single_config = c.config;
   single_config.axis_index_groups.reset();
@@ -145,12 +102,12 @@ void check_against_single_process(const Case& c) {
   std::vector<uint8_t> mask_part;
   if (c.mask) {
     const auto [begin, end] = part(c.shape[size_t(c.shard_axis)], parts, position);
-    mask_part = slice(mask, c.shape, c.shard_axis, begin, end);
+    mask_part = slice_bytes(mask, c.shape, c.shard_axis, begin, end, 1);
   }
   const Result mine = run(layer, c, x_part, dy_part, c.mask ? &mask_part : nullptr, ParamGradReduction::group);
 
-  CHECK(max_difference(mine.y.v, shard(whole.y, c.shard_axis, parts, position).v) < 1e-9);
-  CHECK(max_difference(mine.dx.v, shard(whole.dx, c.shard_axis, parts, position).v) < 1e-9);
+  CHECK(max_difference(mine.y.values(), shard(whole.y, c.shard_axis, parts, position).values()) < 1e-9);
+  CHECK(max_difference(mine.dx.values(), shard(whole.dx, c.shard_axis, parts, position).values()) < 1e-9);
   CHECK(max_difference(mine.dscale, whole.dscale) < 1e-4);  // float32 parameters
   CHECK(max_difference(mine.dbias, whole.dbias) < 1e-4);
 }
@@ -221,8 +178,9 @@ TEST_CASE("mpi group norm: one collective per forward and per backward call", "[
   GroupNormConfig config;
   config.num_groups = 2;
   GroupNorm layer(config, counting);
-  Array x = random_array({2, 3, 4, 8}, 10 + uint64_t(world_rank())), dy = random_array({2, 3, 4, 8}, 20);
-  Array y{x.shape, std::vector<double>(x.v.size())}, dx = y;
+  Array x = random_array({2, 3, 4, 8}, DType::f64, 10 + uint64_t(world_rank()));
+  Array dy = random_array({2, 3, 4, 8}, DType::f64, 20);
+  Array y(x.shape, DType::f64), dx = y;
   ForwardState state;
   layer.forward(x.view(Layout::channels_last), y.view(Layout::channels_last), nullptr, &state);  // agrees on the shape
   for (int call = 0; call < 3; ++call) {
@@ -248,8 +206,8 @@ TEST_CASE("mpi group norm: statistics are bitwise identical on every rank of a g
   auto comm = mpi_communicator();
   GroupNorm layer(config, comm);
   // Different data and shard sizes on every rank.
-  Array x = random_array({2, 3 + world_rank(), 5, 8}, 30 + uint64_t(world_rank()), 3.0);
-  Array y{x.shape, std::vector<double>(x.v.size())};
+  Array x = random_array({2, 3 + world_rank(), 5, 8}, DType::f64, 30 + uint64_t(world_rank()), 3.0);
+  Array y(x.shape, DType::f64);
   ForwardState state;
   layer.forward(x.view(Layout::channels_last), y.view(Layout::channels_last), nullptr, &state);
   std::vector<double> mine = state.mean;
@@ -280,8 +238,8 @@ TEST_CASE("mpi group norm: invalid or disagreeing input fails on every rank, the
   if (ranks == 1) return;  // what follows needs a second rank to disagree with
 
   GroupNorm layer(config, comm);
-  Array x = random_array({2, 3, 4, 8}, 40), dy = random_array({2, 3, 4, 8}, 41);
-  Array y{x.shape, std::vector<double>(x.v.size())}, dx = y;
+  Array x = random_array({2, 3, 4, 8}, DType::f64, 40), dy = random_array({2, 3, 4, 8}, DType::f64, 41);
+  Array y(x.shape, DType::f64), dx = y;
   ForwardState state;
   auto forward = [&](Array& input, Array& output, const MaskView* mask = nullptr) {
     layer.forward(input.view(Layout::channels_last), output.view(Layout::channels_last), mask, &state);
@@ -289,11 +247,11 @@ TEST_CASE("mpi group norm: invalid or disagreeing input fails on every rank, the
   forward(x, y);
 
   SECTION("one rank has a different channel count") {
-    Array other = random_array({2, 3, 4, rank == 1 ? 6 : 8}, 42), out{other.shape, std::vector<double>(other.v.size())};
+    Array other = random_array({2, 3, 4, rank == 1 ? 6 : 8}, DType::f64, 42), out(other.shape, DType::f64);
     CHECK_THROWS_AS(forward(other, out), Error);
   }
   SECTION("one rank has a different batch size (a non-reduced axis)") {
-    Array other = random_array({rank == 1 ? 3 : 2, 3, 4, 8}, 43), out{other.shape, std::vector<double>(other.v.size())};
+    Array other = random_array({rank == 1 ? 3 : 2, 3, 4, 8}, DType::f64, 43), out(other.shape, DType::f64);
     CHECK_THROWS_WITH(forward(other, out), Catch::Contains("disagree"));
   }
   SECTION("one rank alone has an invalid mask") {
@@ -306,7 +264,7 @@ TEST_CASE("mpi group norm: invalid or disagreeing input fails on every rank, the
       CHECK_THROWS_WITH(forward(x, y, mask), Catch::Contains("rank 1") && Catch::Contains("mask of shape (7,)"));
   }
   SECTION("one rank alone passes a dy of the wrong shape to backward") {
-    Array bad_dy = random_array({2, 3, 4, rank == 1 ? 4 : 8}, 44);
+    Array bad_dy = random_array({2, 3, 4, rank == 1 ? 4 : 8}, DType::f64, 44);
     CHECK_THROWS_AS(layer.backward(x.view(Layout::channels_last), bad_dy.view(Layout::channels_last), nullptr,
                                    state, dx.view(Layout::channels_last)),
                     Error);

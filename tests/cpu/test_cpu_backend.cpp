@@ -6,12 +6,12 @@
 // sums: forward, dx and the parameter gradients.
 #include <catch2/catch.hpp>
 
-#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
 
 #include "distgn/group_norm.hpp"
+#include "test_arrays.hpp"
 
 using distgn::DType;
 using distgn::ForwardState;
@@ -20,16 +20,7 @@ using distgn::GroupNormConfig;
 using distgn::Layout;
 using distgn::Shape;
 using distgn::TensorView;
-
-namespace {
-
-double max_difference(const float* a, const float* b, size_t n) {
-  double worst = 0;
-  for (size_t i = 0; i < n; ++i) worst = std::max(worst, std::abs(double(a[i]) - double(b[i])));
-  return worst;
-}
-
-}  // namespace
+using distgn_test::max_difference;
 
 TEST_CASE("cpu backend: a batch too large for the cache kernels equals its samples run alone",
           "[cpu][backend]") {

@@ -8,50 +8,21 @@
 #include <cmath>
 #include <random>
 
-#include "core/element.hpp"
 #include "cuda/device_memory.hpp"
 #include "distgn/error.hpp"
 #include "distgn/group_norm.hpp"
+#include "test_arrays.hpp"
 
 using namespace distgn;
+using distgn_test::Array;
+using distgn_test::max_abs;
+using distgn_test::part;
+using distgn_test::random_array;
+using distgn_test::random_mask_one_in;
+using distgn_test::shard;
+using distgn_test::slice_bytes;
 
 namespace {
-
-struct Host {
-  Shape shape;
-  DType dtype;
-  std::vector<uint8_t> bytes;
-  TensorView view(Layout layout) { return {bytes.data(), shape, dtype, layout, Device::cpu}; }
-  double at(int64_t i) const { return load_element(dtype, bytes.data(), i); }
-};
-
-Host random_host(const Shape& shape, DType dtype, uint64_t seed, double mean) {
-  Host h{shape, dtype, std::vector<uint8_t>(size_t(element_count(shape) * dtype_size(dtype)))};
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> normal(mean, 1.0);
-  for (int64_t i = 0; i < element_count(shape); ++i) store_element(dtype, h.bytes.data(), i, normal(rng));
-  return h;
-}
-
-std::pair<int64_t, int64_t> part(int64_t n, int parts, int r) {
-  const int64_t base = n / parts, extra = n % parts;
-  const int64_t begin = r * base + std::min<int64_t>(r, extra);
-  return {begin, begin + base + (r < extra ? 1 : 0)};
-}
-
-// The part of `a` (bytes of `element` size, shape `shape`) along `axis`.
-std::vector<uint8_t> slice(const std::vector<uint8_t>& a, const Shape& shape, int axis, int64_t begin, int64_t end,
-                           int element) {
-  int64_t outer = 1, inner = 1;
-  for (int d = 0; d < axis; ++d) outer *= shape[size_t(d)];
-  for (size_t d = size_t(axis) + 1; d < shape.size(); ++d) inner *= shape[d];
-  const int64_t extent = shape[size_t(axis)];
-  std::vector<uint8_t> out;
-  for (int64_t o = 0; o < outer; ++o)
-    out.insert(out.end(), a.begin() + (o * extent + begin) * inner * element,
-               a.begin() + (o * extent + end) * inner * element);
-  return out;
-}
 
 struct Case {
   std::string name;
@@ -81,32 +52,28 @@ TEST_CASE("cuda + mpi: sharded device tensors equal the whole input on one proce
       GroupNormConfig config;
       config.num_groups = c.groups;
       config.param_dtype = DType::f32;
-      const Host x = random_host(c.shape, c.dtype, 1, 2.0), dy = random_host(c.shape, c.dtype, 2, 0.0);
+      const Array x = random_array(c.shape, c.dtype, 1, 2.0), dy = random_array(c.shape, c.dtype, 2, 0.0);
       std::vector<uint8_t> mask;
       if (c.mask) {
         std::mt19937_64 rng(3);
-        mask.resize(size_t(element_count(c.shape)));
-        for (auto& m : mask) m = rng() % 3 != 0;
+        mask = random_mask_one_in(element_count(c.shape), rng, 3);
       }
       const auto [begin, end] = part(c.shape[size_t(c.axis)], ranks, rank);
       Shape local_shape = c.shape;
       local_shape[size_t(c.axis)] = end - begin;
-      const int xs = dtype_size(c.dtype);
 
       // Reference: the CPU backend on the whole input (or, with every rank
       // alone, on this rank's shard).
-      Host ref_x = x, ref_dy = dy;
+      Array ref_x = x, ref_dy = dy;
       std::vector<uint8_t> ref_mask = mask;
       if (c.split_groups) {
-        ref_x = {local_shape, c.dtype, slice(x.bytes, c.shape, c.axis, begin, end, xs)};
-        ref_dy = {local_shape, c.dtype, slice(dy.bytes, c.shape, c.axis, begin, end, xs)};
-        if (c.mask) ref_mask = slice(mask, c.shape, c.axis, begin, end, 1);
+        ref_x = shard(x, c.axis, ranks, rank);
+        ref_dy = shard(dy, c.axis, ranks, rank);
+        if (c.mask) ref_mask = slice_bytes(mask, c.shape, c.axis, begin, end, 1);
       }
       GroupNorm reference(config);
       const Plan ref_plan = reference.plan(ref_x.shape, c.layout, c.dtype);
-      Host y_ref{ref_x.shape, ref_plan.output_dtype,
-                 std::vector<uint8_t>(size_t(element_count(ref_x.shape) * dtype_size(ref_plan.output_dtype)))};
-      Host dx_ref{ref_x.shape, c.dtype, std::vector<uint8_t>(ref_x.bytes.size())};
+      Array y_ref(ref_x.shape, ref_plan.output_dtype), dx_ref(ref_x.shape, c.dtype);
       std::vector<float> dscale_ref(size_t(ref_plan.channels)), dbias_ref(size_t(ref_plan.channels));
       MaskView ref_mask_view{ref_mask.data(), ref_x.shape, Device::cpu};
       ForwardState ref_state;
@@ -121,9 +88,9 @@ TEST_CASE("cuda + mpi: sharded device tensors equal the whole input on one proce
       auto counting = std::make_shared<CountingCommunicator>(world);
       GroupNorm layer(config, counting);
       const Plan plan = layer.plan(local_shape, c.layout, c.dtype);
-      const std::vector<uint8_t> x_part = slice(x.bytes, c.shape, c.axis, begin, end, xs);
-      const std::vector<uint8_t> dy_part = slice(dy.bytes, c.shape, c.axis, begin, end, xs);
-      const std::vector<uint8_t> mask_part = c.mask ? slice(mask, c.shape, c.axis, begin, end, 1) : mask;
+      const std::vector<uint8_t> x_part = shard(x, c.axis, ranks, rank).bytes;
+      const std::vector<uint8_t> dy_part = shard(dy, c.axis, ranks, rank).bytes;
+      const std::vector<uint8_t> mask_part = c.mask ? slice_bytes(mask, c.shape, c.axis, begin, end, 1) : mask;
       cuda::DeviceArray xd(x_part.size() + 16), dyd(dy_part.size() + 16), md(mask_part.size() + 16);
       cuda::DeviceArray yd(size_t(element_count(local_shape) * dtype_size(plan.output_dtype)) + 16), dxd(x_part.size() + 16);
       xd.upload(x_part.data(), x_part.size());
@@ -155,25 +122,20 @@ TEST_CASE("cuda + mpi: sharded device tensors equal the whole input on one proce
       } else {
         CHECK(after.collectives - before.collectives == 0);
       }
-      Host y{local_shape, plan.output_dtype, std::vector<uint8_t>(yd.bytes() - 16)};
-      Host dx{local_shape, c.dtype, std::vector<uint8_t>(x_part.size())};
+      Array y(local_shape, plan.output_dtype), dx(local_shape, c.dtype);
       yd.download(y.bytes.data(), y.bytes.size());
       dxd.download(dx.bytes.data(), dx.bytes.size());
 
       // Compare with the reference's part.
-      const Host y_want{local_shape, y_ref.dtype,
-                        c.split_groups ? y_ref.bytes
-                                       : slice(y_ref.bytes, c.shape, c.axis, begin, end, dtype_size(y_ref.dtype))};
-      const Host dx_want{local_shape, c.dtype,
-                         c.split_groups ? dx_ref.bytes : slice(dx_ref.bytes, c.shape, c.axis, begin, end, xs)};
+      const Array y_want = c.split_groups ? y_ref : shard(y_ref, c.axis, ranks, rank);
+      const Array dx_want = c.split_groups ? dx_ref : shard(dx_ref, c.axis, ranks, rank);
       const double half_ulp = dtype_size(c.dtype) == 2 ? (c.dtype == DType::bf16 ? 1.0 / 64 : 1.0 / 512) : 1e-4;
-      double dx_scale = 1;
-      for (int64_t i = 0; i < element_count(local_shape); ++i) dx_scale = std::max(dx_scale, std::fabs(dx_want.at(i)));
+      const double dx_scale = std::max(1.0, max_abs(dx_want.values()));
       int64_t bad_y = 0, bad_dx = 0;
       for (int64_t i = 0; i < element_count(local_shape); ++i) {
-        const double tol_y = 2 * half_ulp * std::max(1.0, std::fabs(y_want.at(i))) + 1e-4;
-        if (!(std::fabs(y.at(i) - y_want.at(i)) <= tol_y)) ++bad_y;
-        if (!(std::fabs(dx.at(i) - dx_want.at(i)) <= 2 * half_ulp * dx_scale + 1e-4 * dx_scale)) ++bad_dx;
+        const double tol_y = 2 * half_ulp * std::max(1.0, std::fabs(y_want.get(i))) + 1e-4;
+        if (!(std::fabs(y.get(i) - y_want.get(i)) <= tol_y)) ++bad_y;
+        if (!(std::fabs(dx.get(i) - dx_want.get(i)) <= 2 * half_ulp * dx_scale + 1e-4 * dx_scale)) ++bad_dx;
       }
       INFO("rank " << rank);
       CHECK(bad_y == 0);
