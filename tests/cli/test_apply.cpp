@@ -8,7 +8,8 @@
 //     message on stderr, no output file;
 //  3. under mpiexec: the pmap golden cases (tests/data/flax_pmap) with
 //     --ranks-axis, --shard-axis against the single-process run, and invalid
-//     input on every rank without a hang.
+//     input on every rank without a hang;
+//  4. `distgn bench`: its table, its --json lines and its --shard-axis errors.
 //
 // Every command runs under `timeout` so that a hang fails instead of blocking.
 #include <sys/wait.h>
@@ -1111,5 +1112,147 @@ TEST_CASE("cli apply: an unwritable output path fails on every rank and leaves n
     CHECK(rank_statuses(in.dir, 2) == std::vector<int>{2, 2});
     INFO("output files left: " << joined(outputs(in.dir)));
     CHECK(outputs(in.dir).empty());
+  }
+}
+
+// `distgn bench` prints a table scripts read and writes one JSON line per
+// case: the header, a row per shape and every key of the line are part of the
+// tool's interface (the figures themselves are timings).
+TEST_CASE("cli bench: the table and the --json lines", "[cli][bench]") {
+  TempDir dir;
+  const std::string bench = quote(cli_path()) + " bench --iters 2 --warmup 1 --num-groups 8";
+  const std::vector<std::string> keys = {
+      "backend", "bwd_gbps", "bwd_ms", "collective_latency_us", "collectives_bwd", "collectives_fwd", "comm_us",
+      "copy_gbps", "dtype", "fwd_gbps", "fwd_ms", "layout", "max_abs_err", "num_groups", "param_dtype", "ranks",
+      "shape", "shard_axis", "threads"};
+  auto json_lines = [&] {
+    std::vector<json> lines;
+    std::istringstream in(slurp(dir / "out.json"));
+    for (std::string line; std::getline(in, line);) lines.push_back(json::parse(line));
+    return lines;
+  };
+  auto rows = [](const std::string& out) {
+    std::vector<std::string> found;
+    std::istringstream in(out);
+    for (std::string line; std::getline(in, line);)
+      if (line.rfind("(", 0) == 0) found.push_back(line);
+    return found;
+  };
+
+  SECTION("one shape, checked") {
+    const Result r = run(bench + " --shape 2,8,8,64 --check --json out.json", dir);
+    INFO("stdout: " << r.out << "\nstderr: " << r.err);
+    REQUIRE(r.status == 0);
+    CHECK(r.out.find("distgn bench: 1 rank(s), ") == 0);
+    CHECK(r.out.find(" thread(s) per rank, f32 nhwc, G=8, median of 2\n") != std::string::npos);
+    CHECK(r.out.find("shape                  copy GB/s    fwd ms fwd GB/s fwd/copy    bwd ms bwd GB/s bwd/copy  "
+                     "comm us   lat us  coll   max err\n") != std::string::npos);
+    const std::vector<std::string> table = rows(r.out);
+    REQUIRE(table.size() == 1);
+    CHECK(table[0].rfind("(2, 8, 8, 64) ", 0) == 0);
+    CHECK(table[0].find("  0/0   ") != std::string::npos);
+    CHECK(table[0].find("e-") != std::string::npos);  // max err, %.2e
+    const std::vector<json> lines = json_lines();
+    REQUIRE(lines.size() == 1);
+    const json& j = lines[0];
+    std::vector<std::string> got;
+    for (const auto& item : j.items()) got.push_back(item.key());
+    CHECK(got == keys);
+    CHECK(j["ranks"] == 1);
+    CHECK(j["shape"] == json({2, 8, 8, 64}));
+    CHECK(j["dtype"] == "f32");
+    CHECK(j["layout"] == "nhwc");
+    CHECK(j["backend"] == "cpu");
+    CHECK(j["param_dtype"] == "f32");
+    CHECK(j["num_groups"] == 8);
+    CHECK(j["shard_axis"].is_null());
+    CHECK(j["collectives_fwd"] == 0);
+    CHECK(j["collectives_bwd"] == 0);
+    for (const char* timing : {"copy_gbps", "fwd_ms", "bwd_ms", "fwd_gbps", "bwd_gbps"}) {
+      INFO(timing);
+      CHECK(j[timing].get<double>() > 0);
+    }
+    CHECK(j["max_abs_err"].get<double>() < 1e-5);
+  }
+  SECTION("several shapes, unchecked, sharded, channels first") {
+    const Result r =
+        run(bench + " --shape '2,64,8,8;1,32,4,4' --shape 2,16,3 --layout nchw --shard-axis 2 --json out.json", dir);
+    INFO("stdout: " << r.out << "\nstderr: " << r.err);
+    REQUIRE(r.status == 0);
+    CHECK(r.out.find(" f32 nchw, G=8, median of 2\n") != std::string::npos);
+    CHECK(r.err == "[1/3] (2, 64, 8, 8)\n[2/3] (1, 32, 4, 4)\n[3/3] (2, 16, 3)\n");
+    const std::vector<std::string> table = rows(r.out);
+    REQUIRE(table.size() == 3);
+    for (const std::string& row : table) CHECK(row.substr(row.size() - 2) == " -");
+    const std::vector<json> lines = json_lines();
+    REQUIRE(lines.size() == 3);
+    CHECK(lines[2]["shape"] == json({2, 16, 3}));
+    for (const json& j : lines) {
+      CHECK(j["layout"] == "nchw");
+      CHECK(j["shard_axis"] == 2);
+      CHECK(j["max_abs_err"].is_null());
+    }
+  }
+}
+
+// Each command words its own --shard-axis errors: apply counts a negative axis
+// from the end (numpy's way) and says when one is out of range; bench takes
+// the axes from 0 and names the case's shape.
+TEST_CASE("cli: --shard-axis errors of apply and bench", "[cli][errors]") {
+  Inputs in;  // x is (2, 3, 4, 8)
+  const std::string not_reduced =
+      " is not a reduced axis other than the feature axis: sharding along it would split cells' groups or "
+      "change which cells exist; shard along one of the reduction axes\n";
+  const std::string out_of_range = " is out of range for x of shape (2, 3, 4, 8)\n";
+  const std::string base = " --x x.npy --y out_y.npy";
+  const std::vector<std::pair<std::string, std::string>> apply_cases = {
+      {" --num-groups 2 --shard-axis 0", "distgn: error: --shard-axis 0" + not_reduced},
+      {" --num-groups 2 --shard-axis 3", "distgn: error: --shard-axis 3" + not_reduced},
+      {" --num-groups 2 --shard-axis -1", "distgn: error: --shard-axis -1" + not_reduced},
+      {" --num-groups 2 --shard-axis -4", "distgn: error: --shard-axis -4" + not_reduced},
+      {" --num-groups 2 --shard-axis 4", "distgn: error: --shard-axis 4" + out_of_range},
+      {" --num-groups 2 --shard-axis -5", "distgn: error: --shard-axis -5" + out_of_range},
+      {" --num-groups 2 --shard-axis 1 --reduction-axes 2,3", "distgn: error: --shard-axis 1" + not_reduced},
+      {" --num-groups 3 --shard-axis 1 --layout nchw", "distgn: error: --shard-axis 1" + not_reduced},
+      {" --num-groups 2 --shard-axis 1 --ranks-axis",
+       "distgn: error: --ranks-axis and --shard-axis exclude each other\n"},
+  };
+  for (const auto& [options, message] : apply_cases) {
+    SECTION("apply" + options) {
+      const Result r = run(apply_command(base + options), in.dir);
+      check_rejected(r, message, in.dir);
+      CHECK(r.err == message);
+    }
+  }
+  SECTION("apply --shard-axis -3 is axis 1") {
+    const Result r = run(apply_command(base + " --num-groups 2 --shard-axis -3"), in.dir);
+    INFO("stderr: " << r.err);
+    CHECK(r.status == 0);
+  }
+  const std::string bench = quote(cli_path()) + " bench --iters 1 --warmup 0 --num-groups 8";
+  const std::vector<std::pair<std::string, std::string>> bench_cases = {
+      {" --shape 2,8,8,64 --shard-axis 0", "(2, 8, 8, 64)"},
+      {" --shape 2,8,8,64 --shard-axis 3", "(2, 8, 8, 64)"},
+      {" --shape 2,8,8,64 --shard-axis 4", "(2, 8, 8, 64)"},
+      {" --shape 2,8,8,64 --shard-axis -2", "(2, 8, 8, 64)"},
+      {" --shape 2,64,8,8 --layout nchw --shard-axis 1", "(2, 64, 8, 8)"},
+  };
+  for (const auto& [options, shape] : bench_cases) {
+    SECTION("bench" + options) {
+      const Result r = run(bench + options, in.dir);
+      INFO("stderr: " << r.err);
+      CHECK(r.status == 2);
+      const std::string axis = options.substr(options.rfind(' ') + 1);
+      CHECK(r.err == "distgn: error: --shard-axis " + axis +
+                         " must be a reduced axis other than the batch and feature axes of " + shape + "\n");
+    }
+  }
+  SECTION("bench checks each case's shape: the second has no axis 2") {
+    const Result r = run(bench + " --shape '2,8,8,64;2,8' --shard-axis 2", in.dir);
+    INFO("stdout: " << r.out);
+    CHECK(r.status == 2);
+    CHECK(r.out.find("\n(2, 8, 8, 64) ") != std::string::npos);  // the first case ran
+    CHECK(r.err == "[1/2] (2, 8, 8, 64)\n[2/2] (2, 8)\ndistgn: error: --shard-axis 2 must be a reduced axis other "
+                   "than the batch and feature axes of (2, 8)\n");
   }
 }
