@@ -15,19 +15,28 @@ struct CUstream_st;  // CUDA's stream: cudaStream_t is CUstream_st*
 
 namespace distgn {
 
-// What forward saves for backward (docs/design.md "The flow of a call"): the plan and, per cell,
-// the mean and reciprocal standard deviation the outputs were made with.
-struct ForwardState {
-  Plan plan;
-  std::vector<double> mean;   // num_cells, rounded to the stats dtype
-  std::vector<double> rstd;   // num_cells, rsqrt(var + epsilon) in the stats dtype
-  std::vector<double> count;  // num_cells: valid positions over the whole group
-  std::vector<uint8_t> variance_clamped;  // num_cells: fast-variance clamp hit (no var gradient)
-  // Device tensors: the same per-cell values on the device (owned here; what
-  // backward reads). The host vectors above are then filled only where the
-  // call synchronises anyway (a group of several ranks) and left empty for a
-  // group of one rank; GroupNorm::copy_statistics_to_host fills them.
-  std::shared_ptr<void> device;
+class CellStatistics;  // a backend's per-cell arrays (src/core/backend.hpp)
+
+// What forward saves for backward: the plan and, per cell, the statistics
+// the outputs were made with, kept where x is (host or device memory).
+// Copies share the values; a forward call into a state that another copy
+// also holds gives it new arrays, so the copy keeps the old ones.
+class ForwardState {
+ public:
+  // The plan of the forward call (a default Plan before any).
+  const Plan& plan() const { return plan_; }
+  // Per-cell values in host memory (plan().num_cells each; empty before a
+  // forward call). For device tensors the first call copies them over,
+  // waiting for the forward's stream.
+  const std::vector<double>& mean() const;   // in the stats dtype
+  const std::vector<double>& rstd() const;   // rsqrt(var + epsilon) in the stats dtype
+  const std::vector<double>& count() const;  // valid positions over the whole group
+  const std::vector<uint8_t>& variance_clamped() const;  // fast-variance clamp hit: var has no gradient
+
+ private:
+  friend class GroupNorm;
+  Plan plan_;
+  std::shared_ptr<CellStatistics> cells_;
 };
 
 // Which ranks' dscale/dbias partial sums backward adds up.
@@ -73,10 +82,6 @@ class GroupNorm {
   // when the stream has caught up.
   void set_stream(CUstream_st* stream) { stream_ = stream; }
   CUstream_st* stream() const { return stream_; }
-  // Fills state's host vectors from a device forward's statistics (waits for
-  // the stream). A no-op for host tensors.
-  static void copy_statistics_to_host(ForwardState& state);
-
   // The plan for an input of this shape, layout and dtype (validates, semantics §2).
   Plan plan(const Shape& shape, Layout layout, DType dtype) const;
 

@@ -52,6 +52,13 @@ DISTGN_HD double round_to(DType dtype, double v) {
   return v;
 }
 
+// semantics §4 and §6's parameters of the finalisation.
+struct FinalizeParams {
+  double epsilon = 0;
+  bool fast_variance = true;
+  DType stats_dtype = DType::f32;
+};
+
 // What normalisation and backward use for one cell.
 struct CellStats {
   double mean;            // in the stats dtype

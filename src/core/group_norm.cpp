@@ -20,28 +20,6 @@
 namespace distgn {
 namespace {
 
-// With a group of one rank, cells are processed in blocks of about this many
-// elements so that a block is still in cache when it is normalised.
-constexpr int64_t kFusedBlockElements = int64_t(1) << 20;
-
-// Blocks of whole cells (whole rows of cells for channel_rows).
-struct Blocks {
-  int64_t cells_per_block;
-  int64_t num_cells;
-  int64_t count() const { return (num_cells + cells_per_block - 1) / cells_per_block; }
-  CellRange operator[](int64_t i) const {
-    return {i * cells_per_block, std::min(num_cells, (i + 1) * cells_per_block)};
-  }
-};
-
-Blocks blocks_of(const Plan& plan, bool fused) {
-  if (!fused || plan.num_cells == 0) return {std::max<int64_t>(plan.num_cells, 1), plan.num_cells};
-  const int64_t unit = plan.form == Plan::Form::channel_rows ? plan.cells_per_row : 1;
-  const int64_t unit_elements = std::max<int64_t>(1, unit * plan.cell_elements);
-  const int64_t max_units = std::max<int64_t>(1, kFusedBlockElements / unit_elements);
-  return {equal_parts(plan.num_cells / unit, max_units).size * unit, plan.num_cells};
-}
-
 // What the ranks of a group must agree on: everything but reduced extents.
 std::string signature_of(const Plan& plan, const GroupNormConfig& config) {
   std::ostringstream s;
@@ -83,27 +61,17 @@ void check_mask(const Plan& plan, const MaskView& mask) {
   if (!mask.data && element_count(m) > 0) throw Error("mask has no data");
 }
 
-// The mask expanded to one byte per element of x.
-void broadcast_mask(const Plan& plan, const MaskView& mask, std::vector<uint8_t>& out) {
-  const Shape& x = plan.shape;
-  const size_t rank = x.size(), lead = rank - mask.shape.size();
-  std::vector<int64_t> stride(rank, 0);
-  int64_t s = 1;
-  for (size_t d = rank; d-- > lead;) {
-    stride[d] = mask.shape[d - lead] == 1 ? 0 : s;
-    s *= mask.shape[d - lead];
-  }
-  const int64_t total = element_count(x);
-  out.resize(size_t(total));
-  std::vector<int64_t> index(rank, 0);
-  for (int64_t e = 0; e < total; ++e) {
-    int64_t offset = 0;
-    for (size_t d = 0; d < rank; ++d) offset += index[d] * stride[d];
-    out[size_t(e)] = mask.data[offset] ? 1 : 0;
-    for (size_t d = rank; d-- > 0;) {
-      if (++index[d] < x[d]) break;
-      index[d] = 0;
-    }
+// semantics §4 and §6 for the cells of `block`, from their merged moments.
+void finalize_cells(const std::vector<CellMoments>& moments, CellRange block, const FinalizeParams& finalize,
+                    HostCellStatistics& out) {
+  out.resize(int64_t(moments.size()));
+  for (int64_t cell = block.begin; cell < block.end; ++cell) {
+    const CellMoments& m = moments[size_t(cell)];
+    const CellStats stats = finalize_moments(m, finalize.epsilon, finalize.fast_variance, finalize.stats_dtype);
+    out.mean[size_t(cell)] = stats.mean;
+    out.rstd[size_t(cell)] = stats.rstd;
+    out.count[size_t(cell)] = m.count;
+    out.variance_clamped[size_t(cell)] = stats.variance_clamped;
   }
 }
 
@@ -168,28 +136,35 @@ std::vector<int> group_of_rank(const std::vector<std::vector<int>>& groups, int 
 }  // namespace
 
 struct GroupNorm::Workspace {
-  std::unique_ptr<Backend> backend = make_cpu_backend();
+  std::unique_ptr<Backend> cpu = make_cpu_backend();
+#if DISTGN_WITH_CUDA
+  std::unique_ptr<Backend> cuda;  // made on the first call with device tensors
+#endif
   std::unique_ptr<GroupExchange> exchange;
   // The plan of the last input seen and what the ranks agree on, reused
   // while shape, layout and dtype repeat.
   bool have_plan = false;
   Plan plan;
   std::string signature;
-  // Per-call buffers, kept across calls.
+  // Per-call host buffers, kept across calls: the collectives' payloads.
   std::vector<CellMoments> moments;
-  std::vector<double> scale, bias;
-  std::vector<uint8_t> mask_full, mask_gathered, x_gathered, dy_gathered, out_gathered;
-  std::vector<double> sums, terms;
+  HostCellStatistics finalized;
+  std::vector<double> scale, bias, sums;
   ForwardState state;  // when the caller keeps none
+
+  // The backend for tensors in `device` memory, launching on `stream`.
+  Backend& backend_for(Device device, CUstream_st* stream) {
 #if DISTGN_WITH_CUDA
-  // Made on the first call with device tensors.
-  std::unique_ptr<CudaBackend> cuda;
-  CudaBackend& cuda_backend(CUstream_st* stream) {
-    if (!cuda) cuda = make_cuda_backend(stream);
-    else cuda->set_stream(stream);
-    return *cuda;
-  }
+    if (device == Device::cuda) {
+      if (!cuda) cuda = make_cuda_backend();
+      cuda->set_stream(stream);
+      return *cuda;
+    }
 #endif
+    (void)device;
+    (void)stream;
+    return *cpu;
+  }
 
   const Plan& plan_for(const GroupNormConfig& config, const TensorView& x) {
     if (!have_plan || x.shape != plan.shape || x.layout != plan.layout || x.dtype != plan.input_dtype) {
@@ -201,40 +176,6 @@ struct GroupNorm::Workspace {
     return plan;
   }
 
-  // `data` (the plan's shape) in the kernels' walking order: itself, or
-  // gathered into `buffer` when the plan permutes.
-  const void* walking_order(const Plan& p, const void* data, int element_bytes,
-                            std::vector<uint8_t>& buffer) {
-    if (!p.permuted) return data;
-    buffer.resize(size_t(element_count(p.shape) * element_bytes));
-    backend->permute(p, data, buffer.data(), element_bytes, true);
-    return buffer.data();
-  }
-
-  // x and the mask (expanded to one byte per element) in walking order.
-  KernelInputs inputs(const Plan& p, const TensorView& x, const MaskView* mask) {
-    KernelInputs in{&p, walking_order(p, x.data, dtype_size(p.input_dtype), x_gathered), nullptr};
-    if (mask) {
-      const uint8_t* full = mask->data;
-      if (mask->shape != p.shape) {
-        broadcast_mask(p, *mask, mask_full);
-        full = mask_full.data();
-      }
-      in.mask = static_cast<const uint8_t*>(walking_order(p, full, 1, mask_gathered));
-    }
-    return in;
-  }
-
-  // Where kernels write an output of `dtype`: `out` itself, or a buffer
-  // scattered into it by finish_output.
-  void* output(const Plan& p, void* out, DType dtype) {
-    if (!p.permuted) return out;
-    out_gathered.resize(size_t(byte_size(p.shape, dtype)));
-    return out_gathered.data();
-  }
-  void finish_output(const Plan& p, void* out, DType dtype) {
-    if (p.permuted) backend->permute(p, out_gathered.data(), out, dtype_size(dtype), false);
-  }
 };
 
 GroupNorm::GroupNorm(GroupNormConfig config, std::shared_ptr<Communicator> comm)
@@ -317,12 +258,18 @@ void GroupNorm::set_bias(const TensorView& bias) {
   copy_parameter("bias", bias, this->bias());
 }
 
-void GroupNorm::copy_statistics_to_host(ForwardState& state) {
-#if DISTGN_WITH_CUDA
-  if (state.device) copy_device_state_to_host(state.device, state);
-#else
-  (void)state;
-#endif
+namespace {
+const HostCellStatistics& host_statistics(const std::shared_ptr<CellStatistics>& cells) {
+  static const HostCellStatistics none;
+  return cells ? cells->host() : none;
+}
+}  // namespace
+
+const std::vector<double>& ForwardState::mean() const { return host_statistics(cells_).mean; }
+const std::vector<double>& ForwardState::rstd() const { return host_statistics(cells_).rstd; }
+const std::vector<double>& ForwardState::count() const { return host_statistics(cells_).count; }
+const std::vector<uint8_t>& ForwardState::variance_clamped() const {
+  return host_statistics(cells_).variance_clamped;
 }
 
 Plan GroupNorm::plan(const Shape& shape, Layout layout, DType dtype) const {
@@ -376,70 +323,42 @@ void GroupNorm::forward(const TensorView& x, const TensorView& y, const MaskView
   input.num_cells = plan.num_cells;
   if (!channels_ && (config_.use_scale || config_.use_bias)) init_parameters(plan.channels);
   load_parameters(ws.scale, ws.bias);
-  const double* scale = config_.use_scale ? ws.scale.data() : nullptr;
-  const double* bias = config_.use_bias ? ws.bias.data() : nullptr;
 
-#if DISTGN_WITH_CUDA
-  if (x.device == Device::cuda) {
-    // The same flow on the device (src/cuda/cuda_backend.hpp): with one rank
-    // nothing comes back to the host; with several the moments do, once.
-    CudaForwardCall call;
-    call.plan = &plan;
-    call.x = x.data;
-    call.mask = mask;
-    call.y = y.data;
-    call.epsilon = config_.epsilon;
-    call.fast_variance = config_.use_fast_variance;
-    call.scale = scale;
-    call.bias = bias;
-    if (distributed) call.merge = [&](std::vector<CellMoments>& moments) { ws.exchange->merge(input, moments); };
-    state.plan = plan;
-    ws.cuda_backend(stream_).forward(call, state, state.device);
-    return;
-  }
-#endif
-  state.device.reset();
-
-  Backend& backend = *ws.backend;
-  const KernelInputs in = ws.inputs(plan, x, mask);
-  void* out = ws.output(plan, y.data, plan.output_dtype);
-
-  // Per-cell state.
-  const int64_t cells = plan.num_cells;
-  state.plan = plan;  // reuses the vectors' storage
-  state.mean.resize(size_t(cells));
-  state.rstd.resize(size_t(cells));
-  state.count.resize(size_t(cells));
-  state.variance_clamped.resize(size_t(cells));
-  ws.moments.resize(size_t(cells));
-  const Coefficients coef{plan.compute_dtype, state.mean.data(), state.rstd.data(), scale, bias};
+  Backend& backend = ws.backend_for(x.device, stream_);
+  backend.set_parameters(plan, config_.use_scale ? ws.scale.data() : nullptr,
+                         config_.use_bias ? ws.bias.data() : nullptr);
+  const KernelInputs in = backend.inputs(plan, x.data, mask, nullptr, plan.input_dtype);
+  void* out = backend.output(plan, y.data, plan.output_dtype);
+  state.plan_ = plan;
+  state.cells_ = backend.cell_statistics(std::move(state.cells_), plan.num_cells);
+  CellStatistics& stats = *state.cells_;
+  const FinalizeParams finalize{config_.epsilon, config_.use_fast_variance, plan.stats_dtype};
 
   // The flow: partial stats, one collective, finalize, normalise. A group
   // of one rank needs no collective, so it runs the flow per cache-sized
-  // block of cells instead of once over the whole shard.
-  const Blocks blocks = blocks_of(plan, !distributed);
-  for (int64_t b = 0; b < blocks.count(); ++b) {
-    const CellRange block = blocks[b];
-    backend.partial_stats(in, block, ws.moments.data());
-    if (distributed) ws.exchange->merge(input, ws.moments);
-    for (int64_t cell = block.begin; cell < block.end; ++cell) {
-      const CellStats stats = finalize_moments(ws.moments[size_t(cell)], config_.epsilon,
-                                               config_.use_fast_variance, plan.stats_dtype);
-      state.mean[size_t(cell)] = stats.mean;
-      state.rstd[size_t(cell)] = stats.rstd;
-      state.count[size_t(cell)] = ws.moments[size_t(cell)].count;
-      state.variance_clamped[size_t(cell)] = stats.variance_clamped;
+  // block of cells, and a backend that can finalise the statistics where it
+  // reduces them does so.
+  const bool finalize_on_backend = !distributed && backend.finalizes_statistics();
+  for (const CellRange& block : backend.blocks(plan, dtype_size(plan.input_dtype), !distributed)) {
+    if (finalize_on_backend) {
+      backend.finalized_statistics(in, block, finalize, stats);
+    } else {
+      ws.moments.resize(size_t(plan.num_cells));
+      backend.partial_stats(in, block, ws.moments.data());
+      if (distributed) ws.exchange->merge(input, ws.moments);
+      finalize_cells(ws.moments, block, finalize, ws.finalized);
+      backend.store_statistics(block, ws.finalized, stats);
     }
-    backend.normalize(in, block, coef, out, plan.output_dtype);
+    backend.normalize(in, block, stats, out, plan.output_dtype);
   }
-  ws.finish_output(plan, y.data, plan.output_dtype);
+  backend.finish_output(plan, y.data, plan.output_dtype);
 }
 
 void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskView* mask,
                          const ForwardState& state, const TensorView& dx, const TensorView* dscale,
                          const TensorView* dbias, ParamGradReduction reduction) {
   Workspace& ws = *workspace_;
-  const Plan& plan = state.plan;
+  const Plan& plan = state.plan_;
   const bool distributed = group_comm_->size() > 1;
   const bool whole_group = group_comm_->size() == comm_->size();
   const bool params_with_group = reduction == ParamGradReduction::group ||
@@ -451,7 +370,7 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
   std::string error;
   try {
     check_device_supported("x", x.device);
-    const bool have_state = x.device == Device::cpu ? state.mean.size() == size_t(cells) : bool(state.device);
+    const bool have_state = state.cells_ && state.cells_->device() == x.device && state.cells_->cells() == cells;
     if (!have_state || (cells == 0 && element_count(plan.shape) > 0))
       throw Error("backward needs the state of a forward call on the same input");
     check_view("x", x, plan.shape, plan.input_dtype, plan.layout, x.device);
@@ -495,55 +414,40 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
     throw Error(error);
   }
 
-  load_parameters(ws.scale, ws.bias);  // before taking pointers into them
-  const double* scale = config_.use_scale ? ws.scale.data() : nullptr;
+  load_parameters(ws.scale, ws.bias);
+  Backend& backend = ws.backend_for(x.device, stream_);
+  backend.set_parameters(plan, config_.use_scale ? ws.scale.data() : nullptr, nullptr);
+  const KernelInputs in = backend.inputs(plan, x.data, mask, dy.data, dy.dtype);
+  void* dx_out = backend.output(plan, dx.data, plan.input_dtype);
+  const CellStatistics& stats = *state.cells_;
 
-#if DISTGN_WITH_CUDA
-  if (x.device == Device::cuda) {
-    CudaBackwardCall call;
-    call.plan = &plan;
-    call.x = x.data;
-    call.dy = dy.data;
-    call.dy_dtype = dy.dtype;
-    call.mask = mask;
-    call.dx = dx.data;
-    call.scale = scale;
-    call.host_sums = cell_sums;  // cell sums, then channel sums: the layout of `sums`
-    if (distributed || params_with_world) call.exchange = exchange_sums;
-    const bool host_dscale = dscale && dscale->device == Device::cpu;
-    const bool host_dbias = dbias && dbias->device == Device::cpu;
-    call.channel_sums_to_host = host_dscale || host_dbias;
-    call.dscale = dscale && !host_dscale ? dscale->data : nullptr;
-    call.dbias = dbias && !host_dbias ? dbias->data : nullptr;
-    call.param_dtype = config_.param_dtype;
-    ws.cuda_backend(stream_).backward(call, state.device);
-    store_host_param_grads(dscale, dbias, channel_sums, channels);
-    return;
-  }
-#endif
-
-  Backend& backend = *ws.backend;
-  const KernelInputs in = ws.inputs(plan, x, mask);
-  const void* dy_data = ws.walking_order(plan, dy.data, dtype_size(dy.dtype), ws.dy_gathered);
-  void* dx_out = ws.output(plan, dx.data, plan.input_dtype);
-  const Coefficients coef{plan.compute_dtype, state.mean.data(), state.rstd.data(), scale, nullptr};
-  ws.terms.resize(size_t(2 * cells));
-
-  // The flow: partial sums A, B; one collective; dx.
-  const Blocks blocks = blocks_of(plan, fused);
-  for (int64_t b = 0; b < blocks.count(); ++b) {
-    const CellRange block = blocks[b];
-    backend.backward_sums(in, dy_data, dy.dtype, block, coef, cell_sums, channel_sums);
-    exchange_sums();
-    for (int64_t cell = block.begin; cell < block.end; ++cell) {
-      const CellTerms t = cell_terms(cell_sums[2 * cell], cell_sums[2 * cell + 1], state.count[size_t(cell)],
-                                     state.variance_clamped[size_t(cell)]);
-      ws.terms[size_t(2 * cell)] = t.a;
-      ws.terms[size_t(2 * cell + 1)] = t.b;
+  // The flow: partial sums A, B; one collective; terms; dx. Per cache-sized
+  // block for a group of one rank, where a backend that can make the terms
+  // with the sums does so (the channel sums then add up on the backend).
+  const bool terms_on_backend = fused && backend.finalizes_terms();
+  const std::vector<CellRange> blocks =
+      backend.blocks(plan, dtype_size(plan.input_dtype) + dtype_size(dy.dtype), fused);
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    if (terms_on_backend) {
+      backend.sums_and_terms(in, blocks[b], stats, b == 0);
+    } else {
+      backend.backward_sums(in, blocks[b], stats, cell_sums, channel_sums);
+      exchange_sums();
+      backend.store_terms(blocks[b], cell_sums, stats);
     }
-    backend.input_grad(in, dy_data, dy.dtype, block, coef, ws.terms.data(), dx_out);
+    backend.input_grad(in, blocks[b], stats, dx_out);
   }
-  ws.finish_output(plan, dx.data, plan.input_dtype);
+  backend.finish_output(plan, dx.data, plan.input_dtype);
+
+  // dscale and dbias: written by the backend where they are in its device
+  // memory, here where they are in host memory.
+  const bool on_backend = terms_on_backend && !blocks.empty();
+  void* device_dscale = dscale && dscale->device != Device::cpu ? dscale->data : nullptr;
+  void* device_dbias = dbias && dbias->device != Device::cpu ? dbias->data : nullptr;
+  const bool host_grads = (dscale && !device_dscale) || (dbias && !device_dbias);
+  if (device_dscale || device_dbias || (on_backend && host_grads))
+    backend.param_grads(on_backend ? nullptr : channel_sums, channels, device_dscale, device_dbias,
+                        config_.param_dtype, on_backend && host_grads ? channel_sums : nullptr);
   store_host_param_grads(dscale, dbias, channel_sums, channels);
 }
 

@@ -21,6 +21,44 @@
 namespace distgn {
 namespace {
 
+// With a group of one rank, cells are processed in blocks of about this many
+// elements so that a block is still in cache when it is normalised.
+constexpr int64_t kFusedBlockElements = int64_t(1) << 20;
+
+// Per-cell statistics and per-channel parameters the elementwise kernels
+// apply, host arrays.
+struct Coefficients {
+  DType compute_dtype;  // f32 or f64: the arithmetic of semantics §6 and §9
+  const double* mean;   // per cell, in the stats dtype
+  const double* rstd;   // per cell
+  const double* scale;  // per channel, or null (use_scale = false)
+  const double* bias;   // per channel, or null (use_bias = false)
+};
+
+// The mask expanded to one byte per element of x (numpy broadcasting).
+void broadcast_mask(const Plan& plan, const MaskView& mask, std::vector<uint8_t>& out) {
+  const Shape& x = plan.shape;
+  const size_t rank = x.size(), lead = rank - mask.shape.size();
+  std::vector<int64_t> stride(rank, 0);
+  int64_t s = 1;
+  for (size_t d = rank; d-- > lead;) {
+    stride[d] = mask.shape[d - lead] == 1 ? 0 : s;
+    s *= mask.shape[d - lead];
+  }
+  const int64_t total = element_count(x);
+  out.resize(size_t(total));
+  std::vector<int64_t> index(rank, 0);
+  for (int64_t e = 0; e < total; ++e) {
+    int64_t offset = 0;
+    for (size_t d = 0; d < rank; ++d) offset += index[d] * stride[d];
+    out[size_t(e)] = mask.data[offset] ? 1 : 0;
+    for (size_t d = rank; d-- > 0;) {
+      if (++index[d] < x[d]) break;
+      index[d] = 0;
+    }
+  }
+}
+
 // Elements one chunk covers: small enough to spread a few large cells over
 // every core and to stay in L2, large enough that per-chunk work (shifts,
 // folds of per-column sums) is noise.
@@ -401,8 +439,78 @@ void accumulate_backward_columns(const T* x, const D* dy, int64_t rows, int64_t 
   }
 }
 
+// The per-cell statistics of a host forward: the host arrays themselves.
+class HostCells final : public CellStatistics {
+ public:
+  int64_t cells() const override { return cells_; }
+  Device device() const override { return Device::cpu; }
+  const HostCellStatistics& host() const override { return values_; }
+  HostCellStatistics& values() { return values_; }
+  void set_cells(int64_t cells) {
+    cells_ = cells;
+    values_.resize(cells);
+  }
+
+ private:
+  int64_t cells_ = 0;
+  HostCellStatistics values_;
+};
+
 class CpuBackend final : public Backend {
  public:
+  // ---- a call's arrays ----------------------------------------------------------------
+
+  KernelInputs inputs(const Plan& p, const void* x, const MaskView* mask, const void* dy, DType dy_dtype) override {
+    KernelInputs in{&p, walking_order(p, x, dtype_size(p.input_dtype), x_gathered_), nullptr,
+                    dy ? walking_order(p, dy, dtype_size(dy_dtype), dy_gathered_) : nullptr, dy_dtype};
+    if (mask) {
+      const uint8_t* full = mask->data;
+      if (mask->shape != p.shape) {
+        broadcast_mask(p, *mask, mask_full_);
+        full = mask_full_.data();
+      }
+      in.mask = static_cast<const uint8_t*>(walking_order(p, full, 1, mask_gathered_));
+    }
+    return in;
+  }
+  void* output(const Plan& p, void* out, DType dtype) override {
+    if (!p.permuted) return out;
+    out_gathered_.resize(size_t(byte_size(p.shape, dtype)));
+    return out_gathered_.data();
+  }
+  void finish_output(const Plan& p, void* out, DType dtype) override {
+    if (p.permuted) permute_on_host(p, out_gathered_.data(), out, dtype_size(dtype), false);
+  }
+  void set_parameters(const Plan&, const double* scale, const double* bias) override {
+    scale_ = scale;
+    bias_ = bias;
+  }
+
+  // Blocks of about kFusedBlockElements elements (whole cells, whole rows of
+  // cells for channel_rows), so that a block is still in cache when the
+  // second pass reads it.
+  std::vector<CellRange> blocks(const Plan& p, int, bool one_rank) const override {
+    std::vector<CellRange> out;
+    if (p.num_cells == 0) return out;
+    if (!one_rank) return {{0, p.num_cells}};
+    const int64_t unit = p.form == Plan::Form::channel_rows ? p.cells_per_row : 1;
+    const int64_t unit_elements = std::max<int64_t>(1, unit * p.cell_elements);
+    const int64_t per_block =
+        equal_parts(p.num_cells / unit, std::max<int64_t>(1, kFusedBlockElements / unit_elements)).size * unit;
+    for (int64_t begin = 0; begin < p.num_cells; begin += per_block)
+      out.push_back({begin, std::min(p.num_cells, begin + per_block)});
+    return out;
+  }
+
+  // ---- forward ------------------------------------------------------------------------------
+
+  std::shared_ptr<CellStatistics> cell_statistics(std::shared_ptr<CellStatistics> held, int64_t cells) override {
+    std::shared_ptr<HostCells> mine = std::dynamic_pointer_cast<HostCells>(held);
+    if (!mine || mine.use_count() > 2) mine = std::make_shared<HostCells>();  // `held` and `mine`
+    mine->set_cells(cells);
+    return mine;
+  }
+
   void partial_stats(const KernelInputs& in, CellRange cells, CellMoments* moments) override {
     with_storage_type(in.plan->input_dtype, [&](auto tag) {
       using T = decltype(tag);
@@ -420,8 +528,20 @@ class CpuBackend final : public Backend {
     });
   }
 
-  void normalize(const KernelInputs& in, CellRange cells, const Coefficients& coef, void* y,
+  void store_statistics(CellRange cells, const HostCellStatistics& values, CellStatistics& stats) override {
+    HostCellStatistics& to = static_cast<HostCells&>(stats).values();
+    const auto copy = [&](const auto& from, auto& into) {
+      std::copy(from.begin() + cells.begin, from.begin() + cells.end, into.begin() + cells.begin);
+    };
+    copy(values.mean, to.mean);
+    copy(values.rstd, to.rstd);
+    copy(values.count, to.count);
+    copy(values.variance_clamped, to.variance_clamped);
+  }
+
+  void normalize(const KernelInputs& in, CellRange cells, const CellStatistics& stats, void* y,
                  DType y_dtype) override {
+    const Coefficients coef = coefficients(*in.plan, stats, bias_);
     with_storage_type(in.plan->input_dtype, [&](auto x_tag) {
       with_storage_type(y_dtype, [&](auto y_tag) {
         with_compute_type(coef.compute_dtype, [&](auto c_tag) {
@@ -437,46 +557,57 @@ class CpuBackend final : public Backend {
     });
   }
 
-  void backward_sums(const KernelInputs& in, const void* dy, DType dy_dtype, CellRange cells,
-                     const Coefficients& coef, double* cell_sums, double* channel_sums) override {
+  // ---- backward -----------------------------------------------------------------------------
+
+  void backward_sums(const KernelInputs& in, CellRange cells, const CellStatistics& stats, double* cell_sums,
+                     double* channel_sums) override {
+    const Coefficients coef = coefficients(*in.plan, stats, nullptr);
     with_storage_type(in.plan->input_dtype, [&](auto x_tag) {
-      with_storage_type(dy_dtype, [&](auto dy_tag) {
+      with_storage_type(in.dy_dtype, [&](auto dy_tag) {
         with_compute_type(coef.compute_dtype, [&](auto c_tag) {
           using T = decltype(x_tag);
           using D = decltype(dy_tag);
           using C = decltype(c_tag);
           if (in.plan->form == Plan::Form::channel_rows)
-            backward_sums_rows<T, D, C>(in, static_cast<const D*>(dy), cells, coef, cell_sums,
-                                        channel_sums);
+            backward_sums_rows<T, D, C>(in, static_cast<const D*>(in.dy), cells, coef, cell_sums, channel_sums);
           else
-            backward_sums_contiguous<T, D, C>(in, static_cast<const D*>(dy), cells, coef,
-                                              cell_sums, channel_sums);
+            backward_sums_contiguous<T, D, C>(in, static_cast<const D*>(in.dy), cells, coef, cell_sums,
+                                              channel_sums);
         });
       });
     });
   }
 
-  void input_grad(const KernelInputs& in, const void* dy, DType dy_dtype, CellRange cells,
-                  const Coefficients& coef, const double* cell_terms, void* dx) override {
+  void store_terms(CellRange cells, const double* cell_sums, const CellStatistics& stats) override {
+    const HostCellStatistics& s = stats.host();
+    terms_.resize(2 * s.count.size());
+    for (int64_t cell = cells.begin; cell < cells.end; ++cell) {
+      const CellTerms t = cell_terms(cell_sums[2 * cell], cell_sums[2 * cell + 1], s.count[size_t(cell)],
+                                     s.variance_clamped[size_t(cell)]);
+      terms_[size_t(2 * cell)] = t.a;
+      terms_[size_t(2 * cell + 1)] = t.b;
+    }
+  }
+
+  void input_grad(const KernelInputs& in, CellRange cells, const CellStatistics& stats, void* dx) override {
+    const Coefficients coef = coefficients(*in.plan, stats, nullptr);
+    const double* cell_terms = terms_.data();
     with_storage_type(in.plan->input_dtype, [&](auto x_tag) {
-      with_storage_type(dy_dtype, [&](auto dy_tag) {
+      with_storage_type(in.dy_dtype, [&](auto dy_tag) {
         with_compute_type(coef.compute_dtype, [&](auto c_tag) {
           using T = decltype(x_tag);
           using D = decltype(dy_tag);
           using C = decltype(c_tag);
           if (in.plan->form == Plan::Form::channel_rows)
-            input_grad_rows<T, D, C>(in, static_cast<const D*>(dy), cells, coef, cell_terms,
+            input_grad_rows<T, D, C>(in, static_cast<const D*>(in.dy), cells, coef, cell_terms,
                                      static_cast<T*>(dx));
           else
-            input_grad_contiguous<T, D, C>(in, static_cast<const D*>(dy), cells, coef,
-                                           cell_terms, static_cast<T*>(dx));
+            input_grad_contiguous<T, D, C>(in, static_cast<const D*>(in.dy), cells, coef, cell_terms,
+                                           static_cast<T*>(dx));
         });
       });
     });
   }
-
-  void permute(const Plan& plan, const void* src, void* dst, int element_bytes,
-               bool gather) override;
 
  private:
   // Scratch each thread reuses across calls, so steady-state calls allocate
@@ -1001,10 +1132,30 @@ class CpuBackend final : public Backend {
   std::vector<RowCoefficients<double>> rows_f64_;
   std::vector<CellMoments> moments_;
   std::vector<double> sums_;
+  // The call's parameters (the layer's host doubles) and dx terms.
+  const double* scale_ = nullptr;
+  const double* bias_ = nullptr;
+  std::vector<double> terms_;
+  // Walking-order copies of the call's arrays (plan.permuted) and the mask
+  // broadcast to x's shape.
+  std::vector<uint8_t> x_gathered_, dy_gathered_, mask_full_, mask_gathered_, out_gathered_;
+
+  Coefficients coefficients(const Plan& p, const CellStatistics& stats, const double* bias) const {
+    const HostCellStatistics& s = stats.host();
+    return {p.compute_dtype, s.mean.data(), s.rstd.data(), scale_, bias};
+  }
+  // `data` (the plan's shape) in walking order: itself, or gathered into `buffer`.
+  const void* walking_order(const Plan& p, const void* data, int element_bytes, std::vector<uint8_t>& buffer) {
+    if (!p.permuted) return data;
+    buffer.resize(size_t(element_count(p.shape) * element_bytes));
+    permute_on_host(p, data, buffer.data(), element_bytes, true);
+    return buffer.data();
+  }
 };
 
-void CpuBackend::permute(const Plan& plan, const void* src, void* dst, int element_bytes,
-                         bool gather) {
+}  // namespace
+
+void permute_on_host(const Plan& plan, const void* src, void* dst, int element_bytes, bool gather) {
   // Walk the gathered order; for each gathered index find the source offset.
   const int rank = int(plan.permutation.size());
   std::vector<int64_t> source_stride(plan.split_shape.size());
@@ -1038,8 +1189,6 @@ void CpuBackend::permute(const Plan& plan, const void* src, void* dst, int eleme
     }
   }
 }
-
-}  // namespace
 
 std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
 

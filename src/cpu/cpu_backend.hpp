@@ -10,4 +10,8 @@ namespace distgn {
 // that calls reuse.
 std::unique_ptr<Backend> make_cpu_backend();
 
+// Copies `src` (plan.split_shape, row-major) into the plan's walking order
+// (gather: plan.permutation), or back (scatter). Elements of `element_bytes`.
+void permute_on_host(const Plan& plan, const void* src, void* dst, int element_bytes, bool gather);
+
 }  // namespace distgn

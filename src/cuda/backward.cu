@@ -51,20 +51,18 @@ void with_backward_types(const BackwardInputs& in, int vec, const char* what, F&
 constexpr int kChannelWarps = 8;
 
 __device__ __forceinline__ void finish_channel(int64_t c, int64_t channels, double dy, double dyx,
-                                               double* channel_sums, const ChannelOutputs& out) {
-  if (out.accumulate) {
+                                               double* channel_sums, bool accumulate) {
+  if (accumulate) {
     dy += channel_sums[c];
     dyx += channel_sums[channels + c];
   }
   channel_sums[c] = dy;
   channel_sums[channels + c] = dyx;
-  if (out.dbias) store_any(out.dbias, c, out.param_dtype, dy);
-  if (out.dscale) store_any(out.dscale, c, out.param_dtype, dyx);
 }
 
 // Warp per channel: channel_sums[c] (+)= sum dy, [C + c] (+)= sum dy * xhat.
 __global__ void rows_channel_kernel(RowsGeometry g, int64_t channels, const SumPair* block_cols,
-                                    double* channel_sums, ChannelOutputs out) {
+                                    double* channel_sums, bool accumulate) {
   const int lane = threadIdx.x % kWarp;
   const int64_t c = int64_t(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (c >= channels) return;
@@ -77,12 +75,12 @@ __global__ void rows_channel_kernel(RowsGeometry g, int64_t channels, const SumP
   }
   dy = warp_sum(dy);
   dyx = warp_sum(dyx);
-  if (lane == 0) finish_channel(c, channels, dy, dyx, channel_sums, out);
+  if (lane == 0) finish_channel(c, channels, dy, dyx, channel_sums, accumulate);
 }
 
 // Warp per channel c = g * S + s: the items of segment s of every cell of group g.
 __global__ void cells_channel_kernel(CellsGeometry g, int64_t first_cell, int64_t groups, int64_t channels,
-                                     const SumPair* items, double* channel_sums, ChannelOutputs out) {
+                                     const SumPair* items, double* channel_sums, bool accumulate) {
   const int lane = threadIdx.x % kWarp;
   const int64_t c = int64_t(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (c >= channels) return;
@@ -96,7 +94,7 @@ __global__ void cells_channel_kernel(CellsGeometry g, int64_t first_cell, int64_
   }
   dy = warp_sum(dy);
   dyx = warp_sum(dyx);
-  if (lane == 0) finish_channel(c, channels, dy, dyx, channel_sums, out);
+  if (lane == 0) finish_channel(c, channels, dy, dyx, channel_sums, accumulate);
 }
 
 }  // namespace
@@ -136,19 +134,19 @@ void cells_sums(Stream stream, const CellsSumsArgs& a) {
 }
 
 void rows_channel_sums(Stream stream, const RowsGeometry& g, int64_t channels, const SumPair* block_cols,
-                       double* channel_sums, const ChannelOutputs& out) {
+                       double* channel_sums, bool accumulate) {
   if (channels == 0) return;
   const unsigned blocks = grid_size(ceil_div(channels, kChannelWarps), "rows_channel_sums");
-  rows_channel_kernel<<<blocks, kChannelWarps * kWarp, 0, stream>>>(g, channels, block_cols, channel_sums, out);
+  rows_channel_kernel<<<blocks, kChannelWarps * kWarp, 0, stream>>>(g, channels, block_cols, channel_sums, accumulate);
   DISTGN_CUDA_CHECK_LAUNCH("rows_channel_kernel");
 }
 
 void cells_channel_sums(Stream stream, const CellsGeometry& g, int64_t first_cell, int64_t groups,
-                        int64_t channels, const SumPair* items, double* channel_sums, const ChannelOutputs& out) {
+                        int64_t channels, const SumPair* items, double* channel_sums, bool accumulate) {
   if (channels == 0) return;
   const unsigned blocks = grid_size(ceil_div(channels, kChannelWarps), "cells_channel_sums");
   cells_channel_kernel<<<blocks, kChannelWarps * kWarp, 0, stream>>>(g, first_cell, groups, channels, items,
-                                                                    channel_sums, out);
+                                                                    channel_sums, accumulate);
   DISTGN_CUDA_CHECK_LAUNCH("cells_channel_kernel");
 }
 

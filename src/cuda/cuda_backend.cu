@@ -1,5 +1,5 @@
-// The CUDA backend: walking order, workspace, waves, and the flows of a
-// forward and a backward call around the kernels of launch.hpp.
+// The CUDA backend: the steps of core/backend.hpp around the kernels of
+// launch.hpp (walking order, workspace, waves, staging to and from the host).
 #include "cuda/cuda_backend.hpp"
 
 #include <cuda_runtime.h>
@@ -63,20 +63,54 @@ class Pinned {
   cuda::PinnedArray array_;
 };
 
-// The per-cell state of a forward call on the device: mean, rstd, count and
+// The per-cell statistics of a device forward: mean, rstd, count and
 // clamped (1.0 / 0.0), `cells` doubles each, in one allocation.
-struct DeviceCells {
-  int device = 0;
-  int64_t cells = 0;
-  int64_t capacity = 0;
-  cuda::DeviceArray array;  // 4 * capacity doubles
-  cudaStream_t stream = nullptr;  // of the last call that wrote it
+class DeviceCells final : public CellStatistics {
+ public:
+  DeviceCells(int device, int64_t capacity)
+      : device_(device), capacity_(std::max<int64_t>(capacity, 1)),
+        array_(size_t(4 * capacity_) * sizeof(double)) {}
 
-  double* data() const { return static_cast<double*>(array.data()); }
-  CellStateView view() const {
-    double* d = data();
-    return {d, d + cells, d + 2 * cells, d + 3 * cells};
+  int64_t cells() const override { return cells_; }
+  Device device() const override { return Device::cuda; }
+  const HostCellStatistics& host() const override {
+    if (!host_valid_) {
+      DISTGN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      std::vector<double> all(size_t(4 * cells_));
+      if (!all.empty())
+        DISTGN_CUDA_CHECK(cudaMemcpy(all.data(), array_.data(), all.size() * sizeof(double), cudaMemcpyDeviceToHost));
+      const auto n = std::ptrdiff_t(cells_);
+      host_.mean.assign(all.begin(), all.begin() + n);
+      host_.rstd.assign(all.begin() + n, all.begin() + 2 * n);
+      host_.count.assign(all.begin() + 2 * n, all.begin() + 3 * n);
+      host_.variance_clamped.resize(size_t(n));
+      for (std::ptrdiff_t i = 0; i < n; ++i) host_.variance_clamped[size_t(i)] = all[size_t(3 * n + i)] != 0.0;
+      host_valid_ = true;
+    }
+    return host_;
   }
+
+  int device_index() const { return device_; }
+  int64_t capacity() const { return capacity_; }
+  // Starts a call's use for `cells` cells, written on `stream`.
+  void begin(int64_t cells, cudaStream_t stream) {
+    cells_ = cells;
+    stream_ = stream;
+    host_valid_ = false;
+  }
+  CellStateView view() const {
+    double* d = static_cast<double*>(array_.data());
+    return {d, d + cells_, d + 2 * cells_, d + 3 * cells_};
+  }
+
+ private:
+  int device_;
+  int64_t capacity_;
+  int64_t cells_ = 0;
+  cuda::DeviceArray array_;       // 4 * capacity doubles
+  cudaStream_t stream_ = nullptr;  // of the last call that wrote it
+  mutable HostCellStatistics host_;
+  mutable bool host_valid_ = false;
 };
 
 // Host copies of the arrays to upload, staged in pinned memory. A staging
@@ -149,9 +183,9 @@ class Downloader {
   std::vector<Item> items_;
 };
 
-class CudaBackendImpl final : public CudaBackend {
+class CudaBackend final : public Backend {
  public:
-  explicit CudaBackendImpl(cudaStream_t stream) : stream_(stream), up_(stream_), down_(stream_) {
+  explicit CudaBackend(cudaStream_t stream) : stream_(stream), up_(stream_), down_(stream_) {
     DISTGN_CUDA_CHECK(cudaGetDevice(&device_));
     DISTGN_CUDA_CHECK(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device_));
     int l2 = 0;
@@ -159,236 +193,153 @@ class CudaBackendImpl final : public CudaBackend {
     l2_bytes_ = l2;
   }
 
-  CUstream_st* stream() const override { return stream_; }
   void set_stream(CUstream_st* stream) override {
     if (stream == stream_) return;
     // Work queued on the old stream may still read the workspace.
     DISTGN_CUDA_CHECK(cudaStreamSynchronize(stream_));
     stream_ = stream;
   }
-  void synchronize() override { DISTGN_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
-  // ---- whole calls ------------------------------------------------------------------
+  // ---- a call's arrays ----------------------------------------------------------------
 
-  void forward(const CudaForwardCall& call, ForwardState& state, std::shared_ptr<void>& device_state) override {
-    const Plan& p = *call.plan;
-    const int64_t cells = p.num_cells, elements = element_count(p.shape);
-    const int in_bytes = dtype_size(p.input_dtype), out_bytes = dtype_size(p.output_dtype);
-    DeviceCells& dc = cell_state(device_state, cells);
-    upload_parameters(p.channels, call.scale, call.bias, true);
-    const void* x = walking(p, call.x, in_bytes, x_walk_);
-    const uint8_t* mask = walking_mask(p, call.mask);
-    void* y = p.permuted ? out_walk_.get(size_t(elements * out_bytes), stream_) : call.y;
-    const cuda::FinalizeParams fin{call.epsilon, call.fast_variance, p.stats_dtype};
-    const cuda::CoefficientsView coef = coefficients(p, dc.view(), call.scale != nullptr, call.bias != nullptr);
-
-    if (cells > 0 && !call.merge) {
-      const CellStateView view = dc.view();
-      for (const CellRange& wave : waves(p, in_bytes)) {
-        stats(p, x, mask, wave, nullptr, &view, fin);
-        normalize(p, x, wave, coef, y, p.output_dtype, p.compute_dtype);
-      }
-      state.mean.clear();
-      state.rstd.clear();
-      state.count.clear();
-      state.variance_clamped.clear();
-    } else if (cells > 0) {
-      CellMoments* moments = moments_.get_as<CellMoments>(size_t(cells), stream_);
-      stats(p, x, mask, {0, cells}, moments, nullptr, fin);
-      host_moments_.resize(size_t(cells));
-      down_.begin(size_t(cells) * sizeof(CellMoments));
-      down_.copy(host_moments_.data(), moments, size_t(cells) * sizeof(CellMoments));
-      down_.finish();
-      call.merge(host_moments_);  // the collective; may throw on every rank
-      state.mean.resize(size_t(cells));
-      state.rstd.resize(size_t(cells));
-      state.count.resize(size_t(cells));
-      state.variance_clamped.resize(size_t(cells));
-      host_cells_.resize(size_t(4 * cells));
-      for (int64_t c = 0; c < cells; ++c) {
-        const CellMoments& m = host_moments_[size_t(c)];
-        const CellStats s = finalize_moments(m, call.epsilon, call.fast_variance, p.stats_dtype);
-        state.mean[size_t(c)] = s.mean;
-        state.rstd[size_t(c)] = s.rstd;
-        state.count[size_t(c)] = m.count;
-        state.variance_clamped[size_t(c)] = s.variance_clamped;
-        host_cells_[size_t(c)] = s.mean;
-        host_cells_[size_t(cells + c)] = s.rstd;
-        host_cells_[size_t(2 * cells + c)] = m.count;
-        host_cells_[size_t(3 * cells + c)] = s.variance_clamped ? 1.0 : 0.0;
-      }
-      up_.begin(host_cells_.size() * sizeof(double));
-      up_.copy(dc.data(), host_cells_.data(), host_cells_.size() * sizeof(double));
-      up_.end();
-      normalize(p, x, {0, cells}, coef, y, p.output_dtype, p.compute_dtype);
-    }
+  KernelInputs inputs(const Plan& p, const void* x, const MaskView* mask, const void* dy, DType dy_dtype) override {
+    return {&p, walking(p, x, dtype_size(p.input_dtype), x_walk_), walking_mask(p, mask),
+            dy ? walking(p, dy, dtype_size(dy_dtype), dy_walk_) : nullptr, dy_dtype};
+  }
+  void* output(const Plan& p, void* out, DType dtype) override {
+    return p.permuted ? out_walk_.get(size_t(byte_size(p.shape, dtype)), stream_) : out;
+  }
+  void finish_output(const Plan& p, void* out, DType dtype) override {
+    const int64_t elements = element_count(p.shape);
     if (p.permuted && elements > 0)
-      cuda::permute(stream_, cuda::walking_source_map(p), elements, out_bytes, y, call.y, false);
-    dc.stream = stream_;
+      cuda::permute(stream_, cuda::walking_source_map(p), elements, dtype_size(dtype), out_walk_.get(0, stream_),
+                    out, false);
+  }
+  void set_parameters(const Plan& p, const double* scale, const double* bias) override {
+    upload_parameters(p.channels, scale, bias, bias != nullptr);
+    has_scale_ = scale != nullptr;
+    has_bias_ = bias != nullptr;
+  }
+  std::vector<CellRange> blocks(const Plan& p, int bytes_per_element, bool one_rank) const override {
+    if (p.num_cells == 0) return {};
+    if (!one_rank) return {{0, p.num_cells}};
+    return waves(p, bytes_per_element);
   }
 
-  void backward(const CudaBackwardCall& call, const std::shared_ptr<void>& device_state) override {
-    const Plan& p = *call.plan;
-    const int64_t cells = p.num_cells, elements = element_count(p.shape), channels = p.channels;
-    auto* dc = static_cast<DeviceCells*>(device_state.get());
-    if (!dc || dc->cells != cells || dc->device != device_)
-      throw Error("backward on the device needs the state of a forward call on the same device and input");
-    const int in_bytes = dtype_size(p.input_dtype), dy_bytes = dtype_size(call.dy_dtype);
-    upload_parameters(channels, call.scale, nullptr, false);
-    const void* x = walking(p, call.x, in_bytes, x_walk_);
-    const void* dy = walking(p, call.dy, dy_bytes, dy_walk_);
-    const uint8_t* mask = walking_mask(p, call.mask);
-    void* dx = p.permuted ? out_walk_.get(size_t(elements * in_bytes), stream_) : call.dx;
-    double* channel_sums = channel_sums_.get_as<double>(size_t(2 * std::max<int64_t>(channels, 1)), stream_);
-    SumPair* terms = terms_.get_as<SumPair>(size_t(std::max<int64_t>(cells, 1)), stream_);
+  // ---- forward ------------------------------------------------------------------------------
 
-    cuda::BackwardInputs in;
-    in.x = x;
-    in.x_dtype = p.input_dtype;
-    in.dy = dy;
-    in.dy_dtype = call.dy_dtype;
-    in.compute = p.compute_dtype;
-    in.c = coefficients(p, dc->view(), call.scale != nullptr, false);
-    in.count = dc->view().count;
-    in.clamped = dc->view().clamped;
-
-    if (cells > 0 && !call.exchange) {
-      // Per wave: the fused sums (and the cells' terms), dx, then the channel
-      // sums, which the last wave also stores as dscale/dbias.
-      const std::vector<CellRange> all = waves(p, in_bytes + dy_bytes);
-      for (size_t w = 0; w < all.size(); ++w) {
-        const SumsLaunch launch = sums(p, in, all[w], terms);
-        input_grad(p, in, mask, terms, dx, all[w]);
-        cuda::ChannelOutputs out;
-        out.accumulate = w > 0;
-        if (w + 1 == all.size()) {
-          out.dscale = call.dscale;
-          out.dbias = call.dbias;
-          out.param_dtype = call.param_dtype;
-        }
-        channel_sums_of(p, launch, channel_sums, out);
-      }
-      if (call.channel_sums_to_host) {
-        if (!call.host_sums) throw Error("CUDA backward: channel sums asked for in host memory without a buffer");
-        down_.begin(size_t(2 * channels) * sizeof(double));
-        down_.copy(call.host_sums + 2 * cells, channel_sums, size_t(2 * channels) * sizeof(double));
-        down_.finish();
-      }
-    } else if (cells > 0) {
-      if (!call.host_sums) throw Error("CUDA backward: an exchange needs host_sums");
-      const SumsLaunch launch = sums(p, in, {0, cells}, nullptr);
-      channel_sums_of(p, launch, channel_sums, cuda::ChannelOutputs{});
-      down_.begin(size_t(2 * cells + 2 * channels) * sizeof(double));
-      down_.copy(call.host_sums, cell_sums_.get(0, stream_), size_t(2 * cells) * sizeof(double));
-      down_.copy(call.host_sums + 2 * cells, channel_sums, size_t(2 * channels) * sizeof(double));
-      down_.finish();
-      call.exchange();  // the collectives, in place; may throw on every rank
-      SumPair* merged = cell_sums_.get_as<SumPair>(size_t(cells), stream_);
-      up_.begin(size_t(2 * cells + 2 * channels) * sizeof(double));
-      up_.copy(merged, call.host_sums, size_t(2 * cells) * sizeof(double));
-      up_.copy(channel_sums, call.host_sums + 2 * cells, size_t(2 * channels) * sizeof(double));
-      up_.end();
-      cuda::terms_from_sums(stream_, cells, merged, in.count, in.clamped, terms);
-      input_grad(p, in, mask, terms, dx, {0, cells});
-    } else {  // no cells (a batch of 0): the sums are 0
-      DISTGN_CUDA_CHECK(cudaMemsetAsync(channel_sums, 0, size_t(2 * channels) * sizeof(double), stream_));
-      if (call.channel_sums_to_host && call.host_sums)
-        std::fill(call.host_sums, call.host_sums + 2 * channels, 0.0);
-    }
-    if (cells == 0 || call.exchange) {
-      if (call.dbias) cuda::store_doubles(stream_, channel_sums, channels, call.dbias, call.param_dtype);
-      if (call.dscale) cuda::store_doubles(stream_, channel_sums + channels, channels, call.dscale, call.param_dtype);
-    }
-    if (p.permuted && elements > 0)
-      cuda::permute(stream_, cuda::walking_source_map(p), elements, in_bytes, dx, call.dx, false);
+  std::shared_ptr<CellStatistics> cell_statistics(std::shared_ptr<CellStatistics> held, int64_t cells) override {
+    std::shared_ptr<DeviceCells> mine = std::dynamic_pointer_cast<DeviceCells>(held);
+    // `held` and `mine` are two holders; a third is a copy that keeps its values.
+    if (!mine || mine.use_count() > 2 || mine->device_index() != device_ || mine->capacity() < cells)
+      mine = std::make_shared<DeviceCells>(device_, cells);
+    mine->begin(cells, stream_);
+    return mine;
   }
-
-  // ---- the Backend interface: device data, host per-cell arrays ------------------------
 
   void partial_stats(const KernelInputs& in, CellRange cells, CellMoments* moments) override {
     const Plan& p = *in.plan;
-    if (cells.size() <= 0) return;
     CellMoments* device = moments_.get_as<CellMoments>(size_t(p.num_cells), stream_);
-    stats(p, in.x, in.mask, cells, device, nullptr, cuda::FinalizeParams{});
+    stats(p, in.x, in.mask, cells, device, nullptr, FinalizeParams{});
     down_.begin(size_t(cells.size()) * sizeof(CellMoments));
     down_.copy(moments + cells.begin, device + cells.begin, size_t(cells.size()) * sizeof(CellMoments));
     down_.finish();
   }
 
-  void normalize(const KernelInputs& in, CellRange cells, const Coefficients& coef, void* y,
-                 DType y_dtype) override {
-    const Plan& p = *in.plan;
-    if (cells.size() <= 0) return;
-    const CellStateView view = upload_coefficients(p, cells, coef, nullptr);
-    normalize(p, in.x, cells, coefficients(p, view, coef.scale != nullptr, coef.bias != nullptr), y, y_dtype,
-              coef.compute_dtype);
+  void store_statistics(CellRange cells, const HostCellStatistics& values, CellStatistics& stats) override {
+    const CellStateView view = static_cast<DeviceCells&>(stats).view();
+    const size_t n = size_t(cells.size()), bytes = n * sizeof(double);
+    host_clamped_.resize(n);
+    for (size_t i = 0; i < n; ++i) host_clamped_[i] = values.variance_clamped[size_t(cells.begin) + i] ? 1.0 : 0.0;
+    up_.begin(4 * bytes);
+    up_.copy(view.mean + cells.begin, values.mean.data() + cells.begin, bytes);
+    up_.copy(view.rstd + cells.begin, values.rstd.data() + cells.begin, bytes);
+    up_.copy(view.count + cells.begin, values.count.data() + cells.begin, bytes);
+    up_.copy(view.clamped + cells.begin, host_clamped_.data(), bytes);
+    up_.end();
   }
 
-  void backward_sums(const KernelInputs& in, const void* dy, DType dy_dtype, CellRange cells,
-                     const Coefficients& coef, double* cell_sums, double* channel_sums) override {
+  // The statistics kernel's last block of each cell finalises it.
+  bool finalizes_statistics() const override { return true; }
+  void finalized_statistics(const KernelInputs& in, CellRange cells, const FinalizeParams& finalize,
+                            CellStatistics& stats) override {
+    const CellStateView view = static_cast<DeviceCells&>(stats).view();
+    this->stats(*in.plan, in.x, in.mask, cells, nullptr, &view, finalize);
+  }
+
+  void normalize(const KernelInputs& in, CellRange cells, const CellStatistics& stats, void* y,
+                 DType y_dtype) override {
     const Plan& p = *in.plan;
-    if (cells.size() <= 0) return;
-    const CellStateView view = upload_coefficients(p, cells, coef, nullptr);
-    cuda::BackwardInputs bin;
-    bin.x = in.x;
-    bin.x_dtype = p.input_dtype;
-    bin.dy = dy;
-    bin.dy_dtype = dy_dtype;
-    bin.compute = coef.compute_dtype;
-    bin.c = coefficients(p, view, coef.scale != nullptr, false);
-    double* channels = channel_sums_.get_as<double>(size_t(2 * p.channels), stream_);
-    const SumsLaunch launch = sums(p, bin, cells, nullptr);
-    channel_sums_of(p, launch, channels, cuda::ChannelOutputs{});
-    std::vector<double>& host_channels = host_scratch_;
-    host_channels.resize(size_t(2 * p.channels));
+    const cuda::CoefficientsView coef =
+        coefficients(p, static_cast<const DeviceCells&>(stats).view(), has_scale_, has_bias_);
+    normalize(p, in.x, cells, coef, y, y_dtype, p.compute_dtype);
+  }
+
+  // ---- backward -----------------------------------------------------------------------------
+
+  void backward_sums(const KernelInputs& in, CellRange cells, const CellStatistics& stats, double* cell_sums,
+                     double* channel_sums) override {
+    const Plan& p = *in.plan;
+    double* channels = channel_sums_.get_as<double>(size_t(2 * std::max<int64_t>(p.channels, 1)), stream_);
+    const SumsLaunch launch = sums(p, backward_inputs(in, stats), cells, nullptr);
+    channel_sums_of(p, launch, channels, false);
+    host_channels_.resize(size_t(2 * p.channels));
     down_.begin(size_t(2 * cells.size() + 2 * p.channels) * sizeof(double));
     down_.copy(cell_sums + 2 * cells.begin, cell_sums_.get_as<SumPair>(0, stream_) + cells.begin,
                size_t(cells.size()) * sizeof(SumPair));
-    down_.copy(host_channels.data(), channels, size_t(2 * p.channels) * sizeof(double));
+    down_.copy(host_channels_.data(), channels, size_t(2 * p.channels) * sizeof(double));
     down_.finish();
-    for (int64_t c = 0; c < 2 * p.channels; ++c) channel_sums[c] += host_channels[size_t(c)];
+    for (int64_t c = 0; c < 2 * p.channels; ++c) channel_sums[c] += host_channels_[size_t(c)];
   }
 
-  void input_grad(const KernelInputs& in, const void* dy, DType dy_dtype, CellRange cells,
-                  const Coefficients& coef, const double* cell_terms, void* dx) override {
+  void store_terms(CellRange cells, const double* cell_sums, const CellStatistics& stats) override {
+    const CellStateView view = static_cast<const DeviceCells&>(stats).view();
+    const int64_t total = stats.cells();
+    SumPair* merged = cell_sums_.get_as<SumPair>(size_t(total), stream_);
+    SumPair* terms = terms_.get_as<SumPair>(size_t(total), stream_);
+    up_.begin(size_t(cells.size()) * sizeof(SumPair));
+    up_.copy(merged + cells.begin, cell_sums + 2 * cells.begin, size_t(cells.size()) * sizeof(SumPair));
+    up_.end();
+    cuda::terms_from_sums(stream_, cells.size(), merged + cells.begin, view.count + cells.begin,
+                          view.clamped + cells.begin, terms + cells.begin);
+  }
+
+  // The sums kernel's last block of each cell makes its terms; the channel
+  // sums add up in channel_sums_.
+  bool finalizes_terms() const override { return true; }
+  void sums_and_terms(const KernelInputs& in, CellRange cells, const CellStatistics& stats, bool first) override {
     const Plan& p = *in.plan;
-    if (cells.size() <= 0) return;
-    SumPair* terms = terms_.get_as<SumPair>(size_t(p.num_cells), stream_);
-    const CellStateView view = upload_coefficients(p, cells, coef, [&](Uploader& up) {
-      up.copy(terms + cells.begin, cell_terms + 2 * cells.begin, size_t(cells.size()) * sizeof(SumPair));
-    });
-    cuda::BackwardInputs bin;
-    bin.x = in.x;
-    bin.x_dtype = p.input_dtype;
-    bin.dy = dy;
-    bin.dy_dtype = dy_dtype;
-    bin.compute = coef.compute_dtype;
-    bin.c = coefficients(p, view, coef.scale != nullptr, false);
-    input_grad(p, bin, in.mask, terms, dx, cells);
+    SumPair* terms = terms_.get_as<SumPair>(size_t(std::max<int64_t>(p.num_cells, 1)), stream_);
+    double* channels = channel_sums_.get_as<double>(size_t(2 * std::max<int64_t>(p.channels, 1)), stream_);
+    const SumsLaunch launch = sums(p, backward_inputs(in, stats), cells, terms);
+    channel_sums_of(p, launch, channels, !first);
   }
 
-  void permute(const Plan& plan, const void* src, void* dst, int element_bytes, bool gather) override {
-    cuda::permute(stream_, cuda::walking_source_map(plan), element_count(plan.shape), element_bytes, src, dst, gather);
+  void input_grad(const KernelInputs& in, CellRange cells, const CellStatistics& stats, void* dx) override {
+    const Plan& p = *in.plan;
+    SumPair* terms = terms_.get_as<SumPair>(size_t(std::max<int64_t>(p.num_cells, 1)), stream_);
+    input_grad(p, backward_inputs(in, stats), in.mask, terms, dx, cells);
+  }
+
+  void param_grads(const double* channel_sums, int64_t channels, void* dscale, void* dbias, DType param_dtype,
+                   double* to_host) override {
+    double* sums = channel_sums_.get_as<double>(size_t(2 * std::max<int64_t>(channels, 1)), stream_);
+    if (channel_sums) {
+      up_.begin(size_t(2 * channels) * sizeof(double));
+      up_.copy(sums, channel_sums, size_t(2 * channels) * sizeof(double));
+      up_.end();
+    }
+    if (dbias) cuda::store_doubles(stream_, sums, channels, dbias, param_dtype);
+    if (dscale) cuda::store_doubles(stream_, sums + channels, channels, dscale, param_dtype);
+    if (to_host) {
+      down_.begin(size_t(2 * channels) * sizeof(double));
+      down_.copy(to_host, sums, size_t(2 * channels) * sizeof(double));
+      down_.finish();
+    }
   }
 
  private:
   // ---- state and parameters ------------------------------------------------------------
-
-  DeviceCells& cell_state(std::shared_ptr<void>& holder, int64_t cells) {
-    auto* dc = static_cast<DeviceCells*>(holder.get());
-    // Reuse the arrays when nobody else holds them (a copied ForwardState
-    // must keep its values) and they are large enough.
-    if (!dc || holder.use_count() != 1 || dc->device != device_ || dc->capacity < cells) {
-      auto fresh = std::make_shared<DeviceCells>();
-      fresh->device = device_;
-      fresh->capacity = std::max<int64_t>(cells, 1);
-      fresh->array = cuda::DeviceArray(size_t(4 * fresh->capacity) * sizeof(double));
-      holder = fresh;
-      dc = fresh.get();
-    }
-    dc->cells = cells;
-    return *dc;
-  }
 
   // Scale and bias (host doubles) on the device, uploaded when they change.
   void upload_parameters(int64_t channels, const double* scale, const double* bias, bool with_bias) {
@@ -427,20 +378,18 @@ class CudaBackendImpl final : public CudaBackend {
     return c;
   }
 
-  // The Backend interface's coefficients (host arrays) on the device: mean and
-  // rstd of `cells` into the coefficient state, scale and bias into the
-  // parameters; `more` queues further uploads in the same staging.
-  template <class More = std::nullptr_t>
-  CellStateView upload_coefficients(const Plan& p, CellRange cells, const Coefficients& coef, More more) {
-    upload_parameters(p.channels, coef.scale, coef.bias, true);
-    double* data = coef_state_.get_as<double>(size_t(2 * std::max<int64_t>(p.num_cells, 1)), stream_);
-    const CellStateView view{data, data + p.num_cells, nullptr, nullptr};
-    up_.begin(size_t(4 * cells.size()) * sizeof(double));
-    up_.copy(view.mean + cells.begin, coef.mean + cells.begin, size_t(cells.size()) * sizeof(double));
-    up_.copy(view.rstd + cells.begin, coef.rstd + cells.begin, size_t(cells.size()) * sizeof(double));
-    if constexpr (!std::is_same_v<More, std::nullptr_t>) more(up_);
-    up_.end();
-    return view;
+  cuda::BackwardInputs backward_inputs(const KernelInputs& in, const CellStatistics& stats) {
+    const CellStateView view = static_cast<const DeviceCells&>(stats).view();
+    cuda::BackwardInputs b;
+    b.x = in.x;
+    b.x_dtype = in.plan->input_dtype;
+    b.dy = in.dy;
+    b.dy_dtype = in.dy_dtype;
+    b.compute = in.plan->compute_dtype;
+    b.c = coefficients(*in.plan, view, has_scale_, false);
+    b.count = view.count;
+    b.clamped = view.clamped;
+    return b;
   }
 
   // ---- walking order ---------------------------------------------------------------------
@@ -514,7 +463,7 @@ class CudaBackendImpl final : public CudaBackend {
   }
 
   void stats(const Plan& p, const void* x, const uint8_t* mask, CellRange cells, CellMoments* moments,
-             const CellStateView* state, const cuda::FinalizeParams& fin) {
+             const CellStateView* state, const FinalizeParams& fin) {
     if (p.form == Plan::Form::channel_rows) {
       cuda::RowsStatsArgs a;
       a.g = rows_geometry(p, cells, rows_vec(p, true, {x, mask}));
@@ -619,13 +568,12 @@ class CudaBackendImpl final : public CudaBackend {
     return launch;
   }
 
-  void channel_sums_of(const Plan& p, const SumsLaunch& launch, double* channel_sums,
-                       const cuda::ChannelOutputs& out) {
+  void channel_sums_of(const Plan& p, const SumsLaunch& launch, double* channel_sums, bool accumulate) {
     if (launch.rows)
-      cuda::rows_channel_sums(stream_, launch.rg, p.channels, launch.partials, channel_sums, out);
+      cuda::rows_channel_sums(stream_, launch.rg, p.channels, launch.partials, channel_sums, accumulate);
     else
       cuda::cells_channel_sums(stream_, launch.cg, launch.first_cell, p.num_groups, p.channels, launch.partials,
-                               channel_sums, out);
+                               channel_sums, accumulate);
   }
 
   void input_grad(const Plan& p, const cuda::BackwardInputs& in, const uint8_t* mask, const SumPair* terms, void* dx,
@@ -651,31 +599,14 @@ class CudaBackendImpl final : public CudaBackend {
   Downloader down_;
   // Workspace: walking-order copies, partials, counters, per-cell arrays.
   Scratch x_walk_, dy_walk_, out_walk_, mask_raw_, mask_walk_;
-  Scratch partials_, partials2_, counters_, moments_, cell_sums_, terms_, channel_sums_, parameters_, coef_state_;
+  Scratch partials_, partials2_, counters_, moments_, cell_sums_, terms_, channel_sums_, parameters_;
   int64_t parameters_channels_ = -1;
-  std::vector<double> host_scale_, host_bias_, host_cells_, host_scratch_;
-  std::vector<CellMoments> host_moments_;
+  std::vector<double> host_scale_, host_bias_, host_clamped_, host_channels_;
+  bool has_scale_ = false, has_bias_ = false;  // the call's parameters
 };
 
 }  // namespace
 
-std::unique_ptr<CudaBackend> make_cuda_backend(CUstream_st* stream) {
-  return std::make_unique<CudaBackendImpl>(stream);
-}
-
-void copy_device_state_to_host(const std::shared_ptr<void>& device_state, ForwardState& state) {
-  const auto* dc = static_cast<const DeviceCells*>(device_state.get());
-  if (!dc) throw Error("copy_device_state_to_host: the state holds no device statistics");
-  DISTGN_CUDA_CHECK(cudaStreamSynchronize(dc->stream));
-  std::vector<double> all(size_t(4 * dc->cells));
-  if (!all.empty())
-    DISTGN_CUDA_CHECK(cudaMemcpy(all.data(), dc->data(), all.size() * sizeof(double), cudaMemcpyDeviceToHost));
-  const size_t n = size_t(dc->cells);
-  state.mean.assign(all.begin(), all.begin() + n);
-  state.rstd.assign(all.begin() + n, all.begin() + 2 * n);
-  state.count.assign(all.begin() + 2 * n, all.begin() + 3 * n);
-  state.variance_clamped.resize(n);
-  for (size_t i = 0; i < n; ++i) state.variance_clamped[i] = all[3 * n + i] != 0.0;
-}
+std::unique_ptr<Backend> make_cuda_backend(CUstream_st* stream) { return std::make_unique<CudaBackend>(stream); }
 
 }  // namespace distgn

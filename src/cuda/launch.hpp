@@ -36,12 +36,6 @@ struct CellStateView {
   double* clamped = nullptr;
 };
 
-struct FinalizeParams {
-  double epsilon = 0;
-  bool fast_variance = true;
-  DType stats_dtype = DType::f32;
-};
-
 // Per-cell statistics and per-channel parameters the elementwise kernels read
 // (device arrays of doubles, like Coefficients on the host).
 struct CoefficientsView {
@@ -165,18 +159,11 @@ void cells_sums(Stream stream, const CellsSumsArgs& a);
 
 // channel_sums[c] (+)= sum of dy, channel_sums[C + c] (+)= sum of dy * xhat
 // over the launch's partials (fixed order): added with `accumulate`, else
-// assigned. Where dscale/dbias are not null, the totals are also stored
-// there in param_dtype (dbias = the dy sums, dscale = the dy * xhat sums).
-struct ChannelOutputs {
-  bool accumulate = false;
-  void* dscale = nullptr;
-  void* dbias = nullptr;
-  DType param_dtype = DType::f32;
-};
+// assigned.
 void rows_channel_sums(Stream stream, const RowsGeometry& g, int64_t channels, const SumPair* block_cols,
-                       double* channel_sums, const ChannelOutputs& out);
+                       double* channel_sums, bool accumulate);
 void cells_channel_sums(Stream stream, const CellsGeometry& g, int64_t first_cell, int64_t groups,
-                        int64_t channels, const SumPair* items, double* channel_sums, const ChannelOutputs& out);
+                        int64_t channels, const SumPair* items, double* channel_sums, bool accumulate);
 
 struct GradArgs {
   BackwardInputs in;

@@ -210,8 +210,8 @@ TEST_CASE("mpi group norm: statistics are bitwise identical on every rank of a g
   Array y(x.shape, DType::f64);
   ForwardState state;
   layer.forward(x.view(Layout::channels_last), y.view(Layout::channels_last), nullptr, &state);
-  std::vector<double> mine = state.mean;
-  mine.insert(mine.end(), state.rstd.begin(), state.rstd.end());
+  std::vector<double> mine = state.mean();
+  mine.insert(mine.end(), state.rstd().begin(), state.rstd().end());
   std::vector<double> all(mine.size() * size_t(world_size()));
   comm->allgather(mine.data(), mine.size(), all.data());
   for (int r = 0; r < world_size(); ++r)

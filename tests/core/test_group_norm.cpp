@@ -97,7 +97,7 @@ Backward run_backward(GroupNorm& layer, Array& x, Array& dy, const MaskView* mas
                       ParamGradReduction reduction = ParamGradReduction::local) {
   Backward b;
   const GroupNormConfig& c = layer.config();
-  const int64_t C = state.plan.channels;
+  const int64_t C = state.plan().channels;
   b.dx = Array(x.shape, x.dtype, x.layout);
   b.dscale = Array({C}, c.param_dtype);
   b.dbias = Array({C}, c.param_dtype);
@@ -137,9 +137,9 @@ distgn::Plan check_forward_case(GroupNormConfig config, const Shape& shape, Layo
   what << "shape " << distgn::shape_string(shape) << " " << distgn::layout_name(layout) << " "
        << distgn::dtype_name(dtype) << (config.use_fast_variance ? " fast" : " exact");
   check_close(f.y.values(), ref.y, tol, tol, what.str() + " y");
-  check_close(f.state.mean, ref.mean, tol, tol, what.str() + " mean");
-  check_close(f.state.rstd, ref.rstd, 0, tol, what.str() + " rstd");
-  check_close(f.state.count, ref.count, 0, 0, what.str() + " count");
+  check_close(f.state.mean(), ref.mean, tol, tol, what.str() + " mean");
+  check_close(f.state.rstd(), ref.rstd, 0, tol, what.str() + " rstd");
+  check_close(f.state.count(), ref.count, 0, 0, what.str() + " count");
   return plan;
 }
 
@@ -281,8 +281,8 @@ TEST_CASE("group norm: masked NaN and inf inputs do not reach the statistics",
     const Forward f = run_forward(layer, x, &m);
     const Reference ref = reference_forward(config, shape, layout, DType::f32, x.values(), mask,
                                             view_values(layer.scale()), view_values(layer.bias()));
-    for (double v : f.state.mean) CHECK(std::isfinite(v));
-    for (double v : f.state.rstd) CHECK(std::isfinite(v));
+    for (double v : f.state.mean()) CHECK(std::isfinite(v));
+    for (double v : f.state.rstd()) CHECK(std::isfinite(v));
     std::vector<double> got = f.y.values(), want = ref.y;
     for (size_t e = 0; e < got.size(); ++e) {
       if (mask[e]) {
@@ -306,8 +306,8 @@ TEST_CASE("group norm: an unmasked NaN poisons its cell only", "[group_norm]") {
     const Forward f = run_forward(layer, x);
     for (int64_t cell = 0; cell < 8; ++cell) {
       INFO("cell " << cell << (fast ? " fast" : " exact"));
-      CHECK(std::isnan(f.state.rstd[size_t(cell)]) == (cell == 5));
-      CHECK(std::isnan(f.state.mean[size_t(cell)]) == (cell == 5));
+      CHECK(std::isnan(f.state.rstd()[size_t(cell)]) == (cell == 5));
+      CHECK(std::isnan(f.state.mean()[size_t(cell)]) == (cell == 5));
     }
     const std::vector<double> y = f.y.values();
     for (int64_t e = 0; e < x.size(); ++e) {
@@ -339,10 +339,10 @@ TEST_CASE("group norm: an all-masked cell gives NaN statistics and outputs for t
           reference_forward(config, shape, layout, DType::f32, x.values(), mask, scale, bias);
       INFO(distgn::layout_name(layout) << (fast ? " fast" : " exact"));
       for (int64_t cell = 0; cell < 4; ++cell) {
-        CHECK(std::isnan(f.state.mean[size_t(cell)]) == (cell == dead));
-        CHECK(std::isnan(f.state.rstd[size_t(cell)]) == (cell == dead));
+        CHECK(std::isnan(f.state.mean()[size_t(cell)]) == (cell == dead));
+        CHECK(std::isnan(f.state.rstd()[size_t(cell)]) == (cell == dead));
       }
-      CHECK(f.state.count[size_t(dead)] == 0);
+      CHECK(f.state.count()[size_t(dead)] == 0);
       const std::vector<double> y = f.y.values();
       for (int64_t e = 0; e < x.size(); ++e)
         CHECK(std::isnan(y[size_t(e)]) == (g.cell[size_t(e)] == dead));
@@ -395,12 +395,12 @@ TEST_CASE("group norm: half and bfloat16 inputs meet SPEC 8's tolerance", "[grou
           check_half_outputs(f.y.values(), ref.y, c.out, "y");
         // The statistics are in the stats dtype: representable there.
         const DType stats = c.force ? DType::f32 : c.x;
-        for (size_t i = 0; i < f.state.mean.size(); ++i) {
-          CHECK(f.state.mean[i] == rounded(stats, f.state.mean[i]));
-          CHECK(f.state.rstd[i] == rounded(stats, f.state.rstd[i]));
+        for (size_t i = 0; i < f.state.mean().size(); ++i) {
+          CHECK(f.state.mean()[i] == rounded(stats, f.state.mean()[i]));
+          CHECK(f.state.rstd()[i] == rounded(stats, f.state.rstd()[i]));
         }
-        check_close(f.state.mean, ref.mean, 1e-6, stats == DType::f32 ? 1e-6 : 4e-3, "mean");
-        check_close(f.state.rstd, ref.rstd, 0, stats == DType::f32 ? 1e-6 : 8e-3, "rstd");
+        check_close(f.state.mean(), ref.mean, 1e-6, stats == DType::f32 ? 1e-6 : 4e-3, "mean");
+        check_close(f.state.rstd(), ref.rstd, 0, stats == DType::f32 ? 1e-6 : 8e-3, "rstd");
       }
 }
 
@@ -438,7 +438,7 @@ TEST_CASE("group norm: exact variance at |mean|/std = 1e4 in float32 data", "[gr
         INFO(distgn::layout_name(layout) << " " << distgn::shape_string(shape));
         double worst = 0;
         for (size_t c = 0; c < ref.var.size(); ++c) {
-          const double r = f.state.rstd[c];
+          const double r = f.state.rstd()[c];
           const double var = 1.0 / (r * r) - config.epsilon;
           worst = std::max(worst, std::abs(var - ref.var[c]) / ref.var[c]);
         }
@@ -482,7 +482,7 @@ TEST_CASE("group norm: fast variance at |mean|/std = 1e4 is no worse than Flax's
     const float mu2 = pairwise(v.data(), v.size(), true) / n;
     const double flax_var = std::max(0.0f, mu2 - mu * mu);
     const double flax_err = std::abs(flax_var - ref.var[c]) / ref.var[c];
-    const double r = f.state.rstd[c];
+    const double r = f.state.rstd()[c];
     const double err = std::abs(1.0 / (r * r) - config.epsilon - ref.var[c]) / ref.var[c];
     INFO("cell " << c << ": distgn error " << err << ", Flax float32 error " << flax_err);
     CHECK(err <= std::max(flax_err, 1e-5));
@@ -509,8 +509,8 @@ TEST_CASE("group norm: NHWC and NCHW layouts agree", "[group_norm][layout]") {
     // Both layouts sum in float over blocks of at most 256 elements, in
     // different orders: within SPEC §8's 1e-5 relative of each other.
     check_close(transpose(f_last.y.values(), nhwc, to_nchw), f_first.y.values(), 1e-5, 1e-5, "y");
-    check_close(f_last.state.mean, f_first.state.mean, 1e-6, 0, "mean");
-    check_close(f_last.state.rstd, f_first.state.rstd, 0, 1e-5, "rstd");
+    check_close(f_last.state.mean(), f_first.state.mean(), 1e-6, 0, "mean");
+    check_close(f_last.state.rstd(), f_first.state.rstd(), 0, 1e-5, "rstd");
 
     const std::vector<double> dyv = random_values(x_last.size(), 72, 0, 1, DType::f32);
     Array dy_last(nhwc, DType::f32, kLast, dyv);
@@ -571,8 +571,8 @@ void check_thread_independence(GroupNormConfig config, const Shape& shape, Layou
     CHECK(differing_bytes(one.dx.bytes, two.dx.bytes) == 0);
     CHECK(differing_bytes(one.dscale.bytes, two.dscale.bytes) == 0);
     CHECK(differing_bytes(one.dbias.bytes, two.dbias.bytes) == 0);
-    CHECK(std::memcmp(one.state.mean.data(), two.state.mean.data(), one.state.mean.size() * 8) == 0);
-    CHECK(std::memcmp(one.state.rstd.data(), two.state.rstd.data(), one.state.rstd.size() * 8) == 0);
+    CHECK(std::memcmp(one.state.mean().data(), two.state.mean().data(), one.state.mean().size() * 8) == 0);
+    CHECK(std::memcmp(one.state.rstd().data(), two.state.rstd().data(), one.state.rstd().size() * 8) == 0);
     if (check_reference && dtype == DType::f32) {
       // Large shapes are right too, not just reproducible (scale 1, bias 0).
       const Reference ref =
@@ -1259,7 +1259,7 @@ TEST_CASE("group norm: a ForwardState reused across layers holds the last layer'
     first.forward(x.view(), y1.view(), nullptr, &shared);
     second.forward(x.view(), y2.view(), nullptr, &shared);
     second.forward(x.view(), y3.view(), nullptr, &own);
-    CHECK(shared.plan.num_groups == 2);
+    CHECK(shared.plan().num_groups == 2);
     Backward with_shared, with_own;
     CHECK_NOTHROW(with_shared = run_backward(second, x, dy, nullptr, shared));
     with_own = run_backward(second, x, dy, nullptr, own);
@@ -1273,8 +1273,8 @@ TEST_CASE("group norm: a ForwardState reused across layers holds the last layer'
     first.forward(x.view(), y1.view(), nullptr, &shared);
     second.forward(x.view(), y2.view(), nullptr, &shared);
     second.forward(x.view(), y3.view(), nullptr, &own);
-    CHECK(shared.plan.num_groups == 8);
-    CHECK(shared.plan.reduction_axes == own.plan.reduction_axes);
+    CHECK(shared.plan().num_groups == 8);
+    CHECK(shared.plan().reduction_axes == own.plan().reduction_axes);
     const Backward with_shared = run_backward(second, x, dy, nullptr, shared);
     const Backward with_own = run_backward(second, x, dy, nullptr, own);
     CHECK(differing_bytes(with_shared.dx.bytes, with_own.dx.bytes) == 0);

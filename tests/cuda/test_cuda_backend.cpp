@@ -146,7 +146,6 @@ Outputs run_layer(const Inputs& in, bool gpu, const GpuOptions& options = {}) {
       from_device(dscale.bytes.data(), dsd);
       from_device(dbias.bytes.data(), dbd);
     }
-    GroupNorm::copy_statistics_to_host(out.state);
   }
   out.values["y"] = y.values();
   out.values["dx"] = dx.values();
@@ -177,15 +176,15 @@ void compare_runs(const Inputs& in, const Outputs& gpu, const Outputs& cpu) {
                                    : std::string()));
     CHECK(c.mismatches == 0);
   }
-  REQUIRE(gpu.state.mean.size() == cpu.state.mean.size());
-  for (size_t i = 0; i < cpu.state.mean.size(); ++i) {
+  REQUIRE(gpu.state.mean().size() == cpu.state.mean().size());
+  for (size_t i = 0; i < cpu.state.mean().size(); ++i) {
     INFO("cell " << i);
-    const double m = cpu.state.mean[i], r = cpu.state.rstd[i];
-    if (std::isnan(m)) CHECK(std::isnan(gpu.state.mean[i]));
-    else CHECK(gpu.state.mean[i] == Approx(m).epsilon(1e-5).margin(1e-6 * std::max(1.0, 1.0 / r)));
-    if (std::isnan(r)) CHECK(std::isnan(gpu.state.rstd[i]));
-    else CHECK(gpu.state.rstd[i] == Approx(r).epsilon(half_stats ? 2e-2 : 2e-5));
-    CHECK(gpu.state.count[i] == cpu.state.count[i]);
+    const double m = cpu.state.mean()[i], r = cpu.state.rstd()[i];
+    if (std::isnan(m)) CHECK(std::isnan(gpu.state.mean()[i]));
+    else CHECK(gpu.state.mean()[i] == Approx(m).epsilon(1e-5).margin(1e-6 * std::max(1.0, 1.0 / r)));
+    if (std::isnan(r)) CHECK(std::isnan(gpu.state.rstd()[i]));
+    else CHECK(gpu.state.rstd()[i] == Approx(r).epsilon(half_stats ? 2e-2 : 2e-5));
+    CHECK(gpu.state.count()[i] == cpu.state.count()[i]);
   }
 }
 
@@ -439,8 +438,8 @@ TEST_CASE("cuda: results are the same bits every run, and on the default stream"
       CHECK(a.y_bytes == c.y_bytes);
       CHECK(a.dx_bytes == b.dx_bytes);
       CHECK(a.dx_bytes == c.dx_bytes);
-      CHECK(a.state.rstd == b.state.rstd);
-      CHECK(a.state.rstd == c.state.rstd);
+      CHECK(a.state.rstd() == b.state.rstd());
+      CHECK(a.state.rstd() == c.state.rstd());
     }
   }
 }
@@ -461,7 +460,10 @@ TEST_CASE("cuda: one layer, many calls: shapes change, parameters change, no sta
   }
 }
 
-TEST_CASE("cuda: the Backend interface with device data and host per-cell arrays", "[backend]") {
+// The layer's flow runs the same steps on either backend (core/backend.hpp):
+// each step of the CUDA backend against the CPU backend's, from the same
+// host payloads, and the two fused steps only the CUDA backend offers.
+TEST_CASE("cuda: each step of the CUDA backend agrees with the CPU backend's", "[backend]") {
   for (const char* name : {"nhwc_bf16", "nchw_bf16_7x7", "nhwc_mask_broadcast", "odd_channels"}) {
     DYNAMIC_SECTION(name) {
       const MatrixCase* m = nullptr;
@@ -471,70 +473,101 @@ TEST_CASE("cuda: the Backend interface with device data and host per-cell arrays
       Inputs in = make_inputs(*m, 3);
       const Plan plan = resolve(in.config, in.x.shape, in.layout, in.x.dtype);
       REQUIRE(!plan.permuted);
-      const int64_t n = element_count(plan.shape), cells = plan.num_cells, C = plan.channels;
-      // Full-shape 0/1 mask in walking order (not permuted: x's order).
-      std::vector<uint8_t> mask;
-      if (in.has_mask) {
-        const cuda::StridedIndex map = cuda::walking_mask_map(plan, in.mask_shape);
-        mask.resize(size_t(n));
-        for (int64_t i = 0; i < n; ++i) mask[size_t(i)] = in.mask[size_t(map.offset(i))] != 0;
-      }
+      const int64_t cells = plan.num_cells, C = plan.channels;
+      const MaskView mask{in.mask.data(), in.mask_shape};  // host memory: both backends take it there
+      const MaskView* mask_ptr = in.has_mask ? &mask : nullptr;
+      const double* scale = in.scale.empty() ? nullptr : in.scale.data();
+      const double* bias = in.bias.empty() ? nullptr : in.bias.data();
       auto cpu = make_cpu_backend();
       auto gpu = make_cuda_backend(nullptr);
+      REQUIRE(!cpu->finalizes_statistics());
+      REQUIRE(gpu->finalizes_statistics());
+      REQUIRE(gpu->finalizes_terms());
       DeviceCopy xd = to_device(in.x.bytes.data(), in.x.bytes.size());
       DeviceCopy dyd = to_device(in.dy.bytes.data(), in.dy.bytes.size());
-      DeviceCopy md = to_device(mask.data(), mask.size());
-      const KernelInputs host_in{&plan, in.x.bytes.data(), in.has_mask ? mask.data() : nullptr};
-      const KernelInputs dev_in{&plan, xd.data, in.has_mask ? static_cast<const uint8_t*>(md.data) : nullptr};
+      cpu->set_parameters(plan, scale, bias);
+      gpu->set_parameters(plan, scale, bias);
+      const KernelInputs host_in = cpu->inputs(plan, in.x.bytes.data(), mask_ptr, in.dy.bytes.data(), in.dy.dtype);
+      const KernelInputs dev_in = gpu->inputs(plan, xd.data, mask_ptr, dyd.data, in.dy.dtype);
       const CellRange all{0, cells};
 
       std::vector<CellMoments> want(static_cast<size_t>(cells)), got(static_cast<size_t>(cells));
       cpu->partial_stats(host_in, all, want.data());
       gpu->partial_stats(dev_in, all, got.data());
-      std::vector<double> mean(static_cast<size_t>(cells)), rstd(static_cast<size_t>(cells));
+      const FinalizeParams finalize{1e-6, true, plan.stats_dtype};
+      HostCellStatistics finalized;
+      finalized.resize(cells);
       for (int64_t c = 0; c < cells; ++c) {
         CHECK(got[size_t(c)].count == want[size_t(c)].count);
         // float32 differences, float32 sums of a few elements (then double): float32-accurate.
         CHECK(got[size_t(c)].mean == Approx(want[size_t(c)].mean).epsilon(1e-6).margin(1e-6));
         CHECK(got[size_t(c)].m2 == Approx(want[size_t(c)].m2).epsilon(1e-6).margin(1e-6));
-        const CellStats s = finalize_moments(want[size_t(c)], 1e-6, true, plan.stats_dtype);
-        mean[size_t(c)] = s.mean;
-        rstd[size_t(c)] = s.rstd;
+        const CellStats s = finalize_moments(want[size_t(c)], finalize.epsilon, true, plan.stats_dtype);
+        finalized.mean[size_t(c)] = s.mean;
+        finalized.rstd[size_t(c)] = s.rstd;
+        finalized.count[size_t(c)] = want[size_t(c)].count;
+        finalized.variance_clamped[size_t(c)] = s.variance_clamped;
       }
-      const Coefficients coef{plan.compute_dtype, mean.data(), rstd.data(), in.scale.empty() ? nullptr : in.scale.data(),
-                              in.bias.empty() ? nullptr : in.bias.data()};
+      // Stored host statistics come back unchanged.
+      const auto cpu_stats = cpu->cell_statistics(nullptr, cells), gpu_stats = gpu->cell_statistics(nullptr, cells);
+      cpu->store_statistics(all, finalized, *cpu_stats);
+      gpu->store_statistics(all, finalized, *gpu_stats);
+      CHECK(gpu_stats->device() == Device::cuda);
+      CHECK(gpu_stats->host().mean == finalized.mean);
+      CHECK(gpu_stats->host().rstd == finalized.rstd);
+      CHECK(gpu_stats->host().count == finalized.count);
+      CHECK(gpu_stats->host().variance_clamped == finalized.variance_clamped);
+      // The fused step: the same statistics, finalised on the device.
+      const auto fused_stats = gpu->cell_statistics(nullptr, cells);
+      gpu->finalized_statistics(dev_in, all, finalize, *fused_stats);
+      for (int64_t c = 0; c < cells; ++c) {
+        CHECK(fused_stats->host().count[size_t(c)] == finalized.count[size_t(c)]);
+        CHECK(fused_stats->host().mean[size_t(c)] == Approx(finalized.mean[size_t(c)]).epsilon(1e-6).margin(1e-6));
+        CHECK(fused_stats->host().rstd[size_t(c)] == Approx(finalized.rstd[size_t(c)]).epsilon(1e-5));
+      }
+
       Array y_cpu(plan.shape, plan.output_dtype), y_gpu = y_cpu;
-      cpu->normalize(host_in, all, coef, y_cpu.bytes.data(), plan.output_dtype);
+      cpu->normalize(host_in, all, *cpu_stats, y_cpu.bytes.data(), plan.output_dtype);
       DeviceCopy yd = to_device(y_gpu.bytes.data(), y_gpu.bytes.size());
-      gpu->normalize(dev_in, all, coef, yd.data, plan.output_dtype);
-      gpu->synchronize();
+      gpu->normalize(dev_in, all, *gpu_stats, yd.data, plan.output_dtype);
+      CUDA_OK(cudaStreamSynchronize(nullptr));
       from_device(y_gpu.bytes.data(), yd);
       const auto y_cmp =
           compare(y_gpu.values(), y_cpu.values(), narrower(plan.output_dtype, plan.stats_dtype), 1.0, 2.0);
       CHECK(y_cmp.mismatches == 0);
 
+      cpu->set_parameters(plan, scale, nullptr);
+      gpu->set_parameters(plan, scale, nullptr);
       std::vector<double> sums_cpu(static_cast<size_t>(2 * cells)), sums_gpu(static_cast<size_t>(2 * cells));
       std::vector<double> ch_cpu(size_t(2 * C), 0.0), ch_gpu(size_t(2 * C), 0.0);
-      cpu->backward_sums(host_in, in.dy.bytes.data(), in.dy.dtype, all, coef, sums_cpu.data(), ch_cpu.data());
-      gpu->backward_sums(dev_in, dyd.data, in.dy.dtype, all, coef, sums_gpu.data(), ch_gpu.data());
+      cpu->backward_sums(host_in, all, *cpu_stats, sums_cpu.data(), ch_cpu.data());
+      gpu->backward_sums(dev_in, all, *gpu_stats, sums_gpu.data(), ch_gpu.data());
       const double scale_sums = std::max(1.0, max_abs(sums_cpu)), scale_ch = std::max(1.0, max_abs(ch_cpu));
       for (size_t i = 0; i < sums_cpu.size(); ++i) CHECK(std::fabs(sums_gpu[i] - sums_cpu[i]) <= 1e-5 * scale_sums);
       for (size_t i = 0; i < ch_cpu.size(); ++i) CHECK(std::fabs(ch_gpu[i] - ch_cpu[i]) <= 1e-5 * scale_ch);
 
-      std::vector<double> terms(static_cast<size_t>(2 * cells));
-      for (int64_t c = 0; c < cells; ++c) {
-        terms[size_t(2 * c)] = sums_cpu[size_t(2 * c)] / want[size_t(c)].count;
-        terms[size_t(2 * c + 1)] = sums_cpu[size_t(2 * c + 1)] / want[size_t(c)].count;
-      }
-      Array dx_cpu(plan.shape, plan.input_dtype), dx_gpu = dx_cpu;
-      cpu->input_grad(host_in, in.dy.bytes.data(), in.dy.dtype, all, coef, terms.data(), dx_cpu.bytes.data());
-      DeviceCopy dxd = to_device(dx_gpu.bytes.data(), dx_gpu.bytes.size());
-      gpu->input_grad(dev_in, dyd.data, in.dy.dtype, all, coef, terms.data(), dxd.data);
-      gpu->synchronize();
-      from_device(dx_gpu.bytes.data(), dxd);
+      Array dx_cpu(plan.shape, plan.input_dtype), dx_gpu = dx_cpu, dx_fused = dx_cpu;
+      cpu->store_terms(all, sums_cpu.data(), *cpu_stats);
+      cpu->input_grad(host_in, all, *cpu_stats, dx_cpu.bytes.data());
       const std::vector<double> dx_want = dx_cpu.values();
+      gpu->store_terms(all, sums_cpu.data(), *gpu_stats);
+      DeviceCopy dxd = to_device(dx_gpu.bytes.data(), dx_gpu.bytes.size());
+      gpu->input_grad(dev_in, all, *gpu_stats, dxd.data);
+      CUDA_OK(cudaStreamSynchronize(nullptr));
+      from_device(dx_gpu.bytes.data(), dxd);
       const auto dx_cmp = compare(dx_gpu.values(), dx_want, plan.input_dtype, std::max(1.0, max_abs(dx_want)), 2.0);
       CHECK(dx_cmp.mismatches == 0);
+      // The fused step: sums and terms on the device, the channel sums read
+      // back by param_grads.
+      gpu->sums_and_terms(dev_in, all, *gpu_stats, true);
+      gpu->input_grad(dev_in, all, *gpu_stats, dxd.data);
+      std::vector<double> ch_fused(size_t(2 * C), 0.0);
+      gpu->param_grads(nullptr, C, nullptr, nullptr, DType::f32, ch_fused.data());
+      from_device(dx_fused.bytes.data(), dxd);
+      const auto fused_cmp =
+          compare(dx_fused.values(), dx_want, plan.input_dtype, std::max(1.0, max_abs(dx_want)), 2.0);
+      CHECK(fused_cmp.mismatches == 0);
+      for (size_t i = 0; i < ch_cpu.size(); ++i) CHECK(std::fabs(ch_fused[i] - ch_cpu[i]) <= 1e-5 * scale_ch);
     }
   }
 }
@@ -648,7 +681,6 @@ TEST_CASE("cuda: tensors beyond 2^31 elements", "[large]") {
       layer.backward(xv, {dy.data(), shape, DType::bf16, layout, Device::cuda}, nullptr, state,
                      {dx.data(), shape, DType::bf16, layout, Device::cuda});
       stream.synchronize();
-      GroupNorm::copy_statistics_to_host(state);
 
       // Statistics, and the expected y and dx per (n, c).
       const double count = double(spatial) * 4;
@@ -658,9 +690,9 @@ TEST_CASE("cuda: tensors beyond 2^31 elements", "[large]") {
           const int64_t cell = n * G + g;
           const double mean = 16.0 * double(n) + 1.5 + 0.25 * double(g % 8);
           const CellStats s = finalize_moments(CellMoments{count, mean, 1.25 * count}, 1e-6, true, DType::f32);
-          CHECK(state.count[size_t(cell)] == count);
-          CHECK(state.mean[size_t(cell)] == Approx(mean).epsilon(1e-7));
-          CHECK(state.rstd[size_t(cell)] == Approx(s.rstd).epsilon(1e-6));
+          CHECK(state.count()[size_t(cell)] == count);
+          CHECK(state.mean()[size_t(cell)] == Approx(mean).epsilon(1e-7));
+          CHECK(state.rstd()[size_t(cell)] == Approx(s.rstd).epsilon(1e-6));
           const float r = float(s.rstd);
           for (int64_t s4 = 0; s4 < 4; ++s4) {
             const int64_t c = g * 4 + s4;
