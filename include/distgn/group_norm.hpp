@@ -108,6 +108,10 @@ class GroupNorm {
   struct Workspace;
   // semantics §2's checks of a forward call's arguments: the error, or "".
   std::string check_forward(const TensorView& x, const TensorView& y, const MaskView* mask);
+  // The same for a backward call's.
+  std::string check_backward(const TensorView& x, const TensorView& dy, const MaskView* mask,
+                             const ForwardState& state, const TensorView& dx, const TensorView* dscale,
+                             const TensorView* dbias) const;
   // The parameters in double, for the kernels' coefficients.
   void load_parameters(std::vector<double>& scale, std::vector<double>& bias) const;
 

@@ -306,6 +306,40 @@ std::string GroupNorm::check_forward(const TensorView& x, const TensorView& y, c
   return {};
 }
 
+// The checks of a backward call's arguments, as check_forward's: the forward
+// state, x, dy, dx, the mask and dscale/dbias. Returns the error, or "".
+std::string GroupNorm::check_backward(const TensorView& x, const TensorView& dy, const MaskView* mask,
+                                      const ForwardState& state, const TensorView& dx, const TensorView* dscale,
+                                      const TensorView* dbias) const {
+  const Plan& plan = state.plan_;
+  const int64_t cells = plan.num_cells, channels = plan.channels;
+  try {
+    check_device_supported("x", x.device);
+    const bool have_state = state.cells_ && state.cells_->device() == x.device && state.cells_->cells() == cells;
+    if (!have_state || (cells == 0 && element_count(plan.shape) > 0))
+      throw Error("backward needs the state of a forward call on the same input");
+    check_view("x", x, plan.shape, plan.input_dtype, plan.layout, x.device);
+    if (dy.shape != plan.shape)
+      throw Error("dy has shape " + shape_string(dy.shape) + " but x has shape " + shape_string(plan.shape));
+    check_view("dy", dy, plan.shape, dy.dtype, plan.layout, x.device);
+    check_view("dx", dx, plan.shape, plan.input_dtype, plan.layout, x.device);
+    if (mask) check_mask(plan, *mask);
+    check_mask_device(mask, x.device);
+    for (const TensorView* grad : {dscale, dbias})
+      if (grad && (grad->shape.size() != 1 || grad->shape[0] != channels || grad->dtype != config_.param_dtype ||
+                   (grad->device != Device::cpu && grad->device != x.device) || !grad->data))
+        throw Error(std::string(grad == dscale ? "dscale" : "dbias") + " has shape " + shape_string(grad->shape) +
+                    " and dtype " + dtype_name(grad->dtype) + " but must be (" + std::to_string(channels) + ",) " +
+                    dtype_name(config_.param_dtype) + " in host memory" +
+                    (x.device == Device::cpu ? "" : " or x's device memory"));
+    if (dscale && !config_.use_scale) throw Error("dscale asked for but use_scale is false");
+    if (dbias && !config_.use_bias) throw Error("dbias asked for but use_bias is false");
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return {};
+}
+
 void GroupNorm::forward(const TensorView& x, const TensorView& y, const MaskView* mask,
                         ForwardState* state_out) {
   Workspace& ws = *workspace_;
@@ -367,33 +401,7 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
       reduction == ParamGradReduction::all && !whole_group && comm_->size() > 1;
   const int64_t cells = plan.num_cells, channels = plan.channels;
 
-  std::string error;
-  try {
-    check_device_supported("x", x.device);
-    const bool have_state = state.cells_ && state.cells_->device() == x.device && state.cells_->cells() == cells;
-    if (!have_state || (cells == 0 && element_count(plan.shape) > 0))
-      throw Error("backward needs the state of a forward call on the same input");
-    check_view("x", x, plan.shape, plan.input_dtype, plan.layout, x.device);
-    if (dy.shape != plan.shape)
-      throw Error("dy has shape " + shape_string(dy.shape) + " but x has shape " +
-                  shape_string(plan.shape));
-    check_view("dy", dy, plan.shape, dy.dtype, plan.layout, x.device);
-    check_view("dx", dx, plan.shape, plan.input_dtype, plan.layout, x.device);
-    if (mask) check_mask(plan, *mask);
-    check_mask_device(mask, x.device);
-    for (const TensorView* grad : {dscale, dbias})
-      if (grad && (grad->shape.size() != 1 || grad->shape[0] != channels || grad->dtype != config_.param_dtype ||
-                   (grad->device != Device::cpu && grad->device != x.device) || !grad->data))
-        throw Error(std::string(grad == dscale ? "dscale" : "dbias") + " has shape " +
-                    shape_string(grad->shape) + " and dtype " + dtype_name(grad->dtype) +
-                    " but must be (" + std::to_string(channels) + ",) " +
-                    dtype_name(config_.param_dtype) + " in host memory" +
-                    (x.device == Device::cpu ? "" : " or x's device memory"));
-    if (dscale && !config_.use_scale) throw Error("dscale asked for but use_scale is false");
-    if (dbias && !config_.use_bias) throw Error("dbias asked for but use_bias is false");
-  } catch (const Error& e) {
-    error = e.what();
-  }
+  std::string error = check_backward(x, dy, mask, state, dx, dscale, dbias);
 
   // sums: [group flag | A, B per cell | sum dy, sum dy*xhat per channel | world flag]
   std::vector<double>& sums = ws.sums;
