@@ -104,16 +104,56 @@ class GroupNorm {
                 const TensorView* dscale = nullptr, const TensorView* dbias = nullptr,
                 ParamGradReduction reduction = ParamGradReduction::local);
 
+  // ---- The phases of a call, for a caller that runs the collective itself ----
+  // forward() is: this rank's partial statistics, one allgather of them over
+  // the ranks that share statistics, then finalise and normalise; backward()
+  // is: this rank's partial sums, one allreduce of them, then dx. A caller
+  // that merges with its own collective (a framework's process group, an MPI
+  // communicator it manages) runs the phases itself, on a layer whose
+  // communicator is local_communicator() (the phases run no collective):
+  //
+  //   std::vector<double> mine = layer.forward_partial_stats(x, mask);
+  //   all = allgather(mine) over the P ranks, in one rank order on every rank
+  //   layer.forward_finish(x, y, mask, all.data(), P, &state);
+  //   std::vector<double> sums = layer.backward_partial_sums(x, dy, mask, state);
+  //   allreduce_sum(sums) over the P ranks
+  //   layer.backward_finish(x, dy, mask, state, sums.data(), dx, &dscale, &dbias);
+  //
+  // The payloads are host doubles. Forward: 3 per cell (plan().num_cells),
+  // the count, mean and M2 of this rank's valid positions of the cell;
+  // forward_finish merges the P payloads, concatenated in rank order (what an
+  // allgather gives), in that order with forward()'s arithmetic, so every
+  // rank gets bitwise the statistics forward() gives over a communicator of
+  // those ranks. Backward: 2 per cell (sum g, sum g * xhat with g = dy *
+  // scale), then 2 per channel (sum dy, sum dy * xhat); backward_finish takes
+  // them summed over the ranks (the per-channel part is what dbias and
+  // dscale receive: sum it too for gradients of the whole group, or leave it
+  // this rank's own). Each phase raises an invalid call's error on its own
+  // rank before the caller's collective, as forward() cannot: the caller
+  // validates on every rank first (plan()) or uses a collective that fails
+  // when a rank leaves. Device tensors: the same, with the payloads staged
+  // through host memory.
+  std::vector<double> forward_partial_stats(const TensorView& x, const MaskView* mask = nullptr);
+  void forward_finish(const TensorView& x, const TensorView& y, const MaskView* mask, const double* gathered,
+                      int ranks, ForwardState* state = nullptr);
+  std::vector<double> backward_partial_sums(const TensorView& x, const TensorView& dy, const MaskView* mask,
+                                            const ForwardState& state);
+  void backward_finish(const TensorView& x, const TensorView& dy, const MaskView* mask, const ForwardState& state,
+                       const double* summed, const TensorView& dx, const TensorView* dscale = nullptr,
+                       const TensorView* dbias = nullptr);
+
  private:
   struct Workspace;
   // semantics §2's checks of a forward call's arguments: the error, or "".
-  std::string check_forward(const TensorView& x, const TensorView& y, const MaskView* mask);
-  // The same for a backward call's.
+  // y may be null: the partial-statistics phase has none.
+  std::string check_forward(const TensorView& x, const TensorView* y, const MaskView* mask);
+  // The same for a backward call's (dx may be null: the partial-sums phase has none).
   std::string check_backward(const TensorView& x, const TensorView& dy, const MaskView* mask,
-                             const ForwardState& state, const TensorView& dx, const TensorView* dscale,
+                             const ForwardState& state, const TensorView* dx, const TensorView* dscale,
                              const TensorView* dbias) const;
-  // The parameters in double, for the kernels' coefficients.
-  void load_parameters(std::vector<double>& scale, std::vector<double>& bias) const;
+  // The parameters in double, for the kernels' coefficients; created from
+  // the initializers for `channels` on the first call that needs them.
+  void load_parameters(int64_t channels, std::vector<double>& scale, std::vector<double>& bias);
 
   GroupNormConfig config_;
   std::shared_ptr<Communicator> comm_;

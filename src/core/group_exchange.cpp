@@ -93,12 +93,17 @@ void GroupExchange::merge(const RankInput& input, std::vector<CellMoments>& mome
     agree(input);
     done = gather_moments(moments, true);
   }
-  const size_t per_rank = 1 + 3 * size_t(agreed_cells_);
-  for (size_t i = 0; i < size_t(agreed_cells_); ++i) {
+  // Each rank's record is its flag, then its moments.
+  merge_in_rank_order(receive_.data() + 1, 1 + 3 * size_t(agreed_cells_), group_.size(), agreed_cells_,
+                      moments.data());
+}
+
+void merge_in_rank_order(const double* gathered, size_t stride, int ranks, int64_t cells, CellMoments* moments) {
+  for (size_t i = 0; i < size_t(cells); ++i) {
     CellMoments merged{0, 0, 0};
-    for (int r = 0; r < group_.size(); ++r) {
-      const double* m = receive_.data() + size_t(r) * per_rank + 1 + 3 * i;
-      merged = distgn::merge_moments(merged, CellMoments{m[0], m[1], m[2]});
+    for (int r = 0; r < ranks; ++r) {
+      const double* m = gathered + size_t(r) * stride + 3 * i;
+      merged = merge_moments(merged, CellMoments{m[0], m[1], m[2]});
     }
     moments[i] = merged;
   }

@@ -51,6 +51,12 @@ class GroupExchange {
   std::vector<double> send_, receive_;
 };
 
+// moments[cell] = the merge of the ranks' moments of each cell, in rank
+// order (Chan's formula): rank r's count, mean and M2 of cell i are
+// gathered[r * stride + 3 * i + 0..2]. The one arithmetic of the forward
+// merge, for GroupExchange and for a caller's own collective.
+void merge_in_rank_order(const double* gathered, size_t stride, int ranks, int64_t cells, CellMoments* moments);
+
 // Sums values[0..count) over `comm` in one allreduce, values[flag] being the
 // slot of the error flag: raises on every rank if any rank passed an error.
 void sum_or_raise(Communicator& comm, const std::string& error, double* values, size_t count,

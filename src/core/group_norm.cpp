@@ -75,14 +75,21 @@ void finalize_cells(const std::vector<CellMoments>& moments, CellRange block, co
   }
 }
 
-// dbias[c] = channel_sums[c], dscale[c] = channel_sums[C + c], for those of
-// the two that are given and in host memory (a device one is written by its backend).
-void store_host_param_grads(const TensorView* dscale, const TensorView* dbias, const double* channel_sums,
-                            int64_t channels) {
+// dbias[c] = channel_sums[c], dscale[c] = channel_sums[C + c] (those asked
+// for): written by the backend where they are in its device memory (from
+// the sums it added up itself when `on_backend`, which then also fill
+// `channel_sums`), here where they are in host memory.
+void store_param_grads(Backend& backend, bool on_backend, double* channel_sums, int64_t channels,
+                       const TensorView* dscale, const TensorView* dbias, DType param_dtype) {
+  void* device_dscale = dscale && dscale->device != Device::cpu ? dscale->data : nullptr;
+  void* device_dbias = dbias && dbias->device != Device::cpu ? dbias->data : nullptr;
+  const bool host_dscale = dscale && !device_dscale, host_dbias = dbias && !device_dbias;
+  if (device_dscale || device_dbias || (on_backend && (host_dscale || host_dbias)))
+    backend.param_grads(on_backend ? nullptr : channel_sums, channels, device_dscale, device_dbias, param_dtype,
+                        on_backend && (host_dscale || host_dbias) ? channel_sums : nullptr);
   for (int64_t c = 0; c < channels; ++c) {
-    if (dbias && dbias->device == Device::cpu) store_element(dbias->dtype, dbias->data, c, channel_sums[c]);
-    if (dscale && dscale->device == Device::cpu)
-      store_element(dscale->dtype, dscale->data, c, channel_sums[channels + c]);
+    if (host_dbias) store_element(dbias->dtype, dbias->data, c, channel_sums[c]);
+    if (host_dscale) store_element(dscale->dtype, dscale->data, c, channel_sums[channels + c]);
   }
 }
 
@@ -164,6 +171,22 @@ struct GroupNorm::Workspace {
     (void)device;
     (void)stream;
     return *cpu;
+  }
+
+  // The call's backend given the parameters (host doubles, or null), with
+  // x, the mask and dy (or null) in its walking order in `in`.
+  Backend& begin(const Plan& p, const TensorView& x, const MaskView* mask, const TensorView* dy,
+                 const double* scale_values, const double* bias_values, CUstream_st* stream, KernelInputs& in) {
+    Backend& backend = backend_for(x.device, stream);
+    backend.set_parameters(p, scale_values, bias_values);
+    in = backend.inputs(p, x.data, mask, dy ? dy->data : nullptr, dy ? dy->dtype : p.input_dtype);
+    return backend;
+  }
+
+  // The statistics of `block`, finalised from the merged `moments`, into `stats`.
+  void store_merged(Backend& backend, CellRange block, const FinalizeParams& finalize, CellStatistics& stats) {
+    finalize_cells(moments, block, finalize, finalized);
+    backend.store_statistics(block, finalized, stats);
   }
 
   const Plan& plan_for(const GroupNormConfig& config, const TensorView& x) {
@@ -276,7 +299,8 @@ Plan GroupNorm::plan(const Shape& shape, Layout layout, DType dtype) const {
   return resolve(config_, shape, layout, dtype);
 }
 
-void GroupNorm::load_parameters(std::vector<double>& scale, std::vector<double>& bias) const {
+void GroupNorm::load_parameters(int64_t channels, std::vector<double>& scale, std::vector<double>& bias) {
+  if (!channels_ && (config_.use_scale || config_.use_bias)) init_parameters(channels);
   const int64_t bytes = dtype_size(config_.param_dtype);
   const uint8_t* data = parameters_.data();
   scale.resize(config_.use_scale ? size_t(channels_) : 0);
@@ -288,7 +312,7 @@ void GroupNorm::load_parameters(std::vector<double>& scale, std::vector<double>&
 
 // Resolves the plan of x (semantics §2.1-4, cached per shape), then checks the
 // mask (§2.5), the parameters (§2.6) and y. Returns the error message, or "".
-std::string GroupNorm::check_forward(const TensorView& x, const TensorView& y, const MaskView* mask) {
+std::string GroupNorm::check_forward(const TensorView& x, const TensorView* y, const MaskView* mask) {
   try {
     check_device_supported("x", x.device);
     const Plan& plan = workspace_->plan_for(config_, x);
@@ -299,7 +323,7 @@ std::string GroupNorm::check_forward(const TensorView& x, const TensorView& y, c
                   std::to_string(channels_) + ",) but x has " + std::to_string(plan.channels) +
                   " channels (shape " + shape_string(x.shape) + ")");
     if (byte_size(x.shape, x.dtype) > 0 && !x.data) throw Error("x has no data");
-    check_view("y", y, x.shape, plan.output_dtype, x.layout, x.device);
+    if (y) check_view("y", *y, x.shape, plan.output_dtype, x.layout, x.device);
   } catch (const Error& e) {
     return e.what();
   }
@@ -309,7 +333,7 @@ std::string GroupNorm::check_forward(const TensorView& x, const TensorView& y, c
 // The checks of a backward call's arguments, as check_forward's: the forward
 // state, x, dy, dx, the mask and dscale/dbias. Returns the error, or "".
 std::string GroupNorm::check_backward(const TensorView& x, const TensorView& dy, const MaskView* mask,
-                                      const ForwardState& state, const TensorView& dx, const TensorView* dscale,
+                                      const ForwardState& state, const TensorView* dx, const TensorView* dscale,
                                       const TensorView* dbias) const {
   const Plan& plan = state.plan_;
   const int64_t cells = plan.num_cells, channels = plan.channels;
@@ -322,7 +346,7 @@ std::string GroupNorm::check_backward(const TensorView& x, const TensorView& dy,
     if (dy.shape != plan.shape)
       throw Error("dy has shape " + shape_string(dy.shape) + " but x has shape " + shape_string(plan.shape));
     check_view("dy", dy, plan.shape, dy.dtype, plan.layout, x.device);
-    check_view("dx", dx, plan.shape, plan.input_dtype, plan.layout, x.device);
+    if (dx) check_view("dx", *dx, plan.shape, plan.input_dtype, plan.layout, x.device);
     if (mask) check_mask(plan, *mask);
     check_mask_device(mask, x.device);
     for (const TensorView* grad : {dscale, dbias})
@@ -347,7 +371,7 @@ void GroupNorm::forward(const TensorView& x, const TensorView& y, const MaskView
   const bool distributed = group_comm_->size() > 1;
 
   RankInput input;
-  input.error = check_forward(x, y, mask);
+  input.error = check_forward(x, &y, mask);
   if (!input.error.empty()) {
     if (distributed) ws.exchange->merge(input, ws.moments);  // raises on every rank
     throw Error(input.error);
@@ -355,13 +379,10 @@ void GroupNorm::forward(const TensorView& x, const TensorView& y, const MaskView
   const Plan& plan = ws.plan;
   input.signature = ws.signature;  // a view: no copy per call
   input.num_cells = plan.num_cells;
-  if (!channels_ && (config_.use_scale || config_.use_bias)) init_parameters(plan.channels);
-  load_parameters(ws.scale, ws.bias);
-
-  Backend& backend = ws.backend_for(x.device, stream_);
-  backend.set_parameters(plan, config_.use_scale ? ws.scale.data() : nullptr,
-                         config_.use_bias ? ws.bias.data() : nullptr);
-  const KernelInputs in = backend.inputs(plan, x.data, mask, nullptr, plan.input_dtype);
+  load_parameters(plan.channels, ws.scale, ws.bias);
+  KernelInputs in;
+  Backend& backend = ws.begin(plan, x, mask, nullptr, config_.use_scale ? ws.scale.data() : nullptr,
+                              config_.use_bias ? ws.bias.data() : nullptr, stream_, in);
   void* out = backend.output(plan, y.data, plan.output_dtype);
   state.plan_ = plan;
   state.cells_ = backend.cell_statistics(std::move(state.cells_), plan.num_cells);
@@ -380,8 +401,7 @@ void GroupNorm::forward(const TensorView& x, const TensorView& y, const MaskView
       ws.moments.resize(size_t(plan.num_cells));
       backend.partial_stats(in, block, ws.moments.data());
       if (distributed) ws.exchange->merge(input, ws.moments);
-      finalize_cells(ws.moments, block, finalize, ws.finalized);
-      backend.store_statistics(block, ws.finalized, stats);
+      ws.store_merged(backend, block, finalize, stats);
     }
     backend.normalize(in, block, stats, out, plan.output_dtype);
   }
@@ -401,7 +421,7 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
       reduction == ParamGradReduction::all && !whole_group && comm_->size() > 1;
   const int64_t cells = plan.num_cells, channels = plan.channels;
 
-  std::string error = check_backward(x, dy, mask, state, dx, dscale, dbias);
+  std::string error = check_backward(x, dy, mask, state, &dx, dscale, dbias);
 
   // sums: [group flag | A, B per cell | sum dy, sum dy*xhat per channel | world flag]
   std::vector<double>& sums = ws.sums;
@@ -422,10 +442,10 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
     throw Error(error);
   }
 
-  load_parameters(ws.scale, ws.bias);
-  Backend& backend = ws.backend_for(x.device, stream_);
-  backend.set_parameters(plan, config_.use_scale ? ws.scale.data() : nullptr, nullptr);
-  const KernelInputs in = backend.inputs(plan, x.data, mask, dy.data, dy.dtype);
+  load_parameters(plan.channels, ws.scale, ws.bias);
+  KernelInputs in;
+  Backend& backend =
+      ws.begin(plan, x, mask, &dy, config_.use_scale ? ws.scale.data() : nullptr, nullptr, stream_, in);
   void* dx_out = backend.output(plan, dx.data, plan.input_dtype);
   const CellStatistics& stats = *state.cells_;
 
@@ -447,16 +467,92 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
   }
   backend.finish_output(plan, dx.data, plan.input_dtype);
 
-  // dscale and dbias: written by the backend where they are in its device
-  // memory, here where they are in host memory.
-  const bool on_backend = terms_on_backend && !blocks.empty();
-  void* device_dscale = dscale && dscale->device != Device::cpu ? dscale->data : nullptr;
-  void* device_dbias = dbias && dbias->device != Device::cpu ? dbias->data : nullptr;
-  const bool host_grads = (dscale && !device_dscale) || (dbias && !device_dbias);
-  if (device_dscale || device_dbias || (on_backend && host_grads))
-    backend.param_grads(on_backend ? nullptr : channel_sums, channels, device_dscale, device_dbias,
-                        config_.param_dtype, on_backend && host_grads ? channel_sums : nullptr);
-  store_host_param_grads(dscale, dbias, channel_sums, channels);
+  store_param_grads(backend, terms_on_backend && !blocks.empty(), channel_sums, channels, dscale, dbias,
+                    config_.param_dtype);
+}
+
+// ---- the phases of a call --------------------------------------------------------------
+
+std::vector<double> GroupNorm::forward_partial_stats(const TensorView& x, const MaskView* mask) {
+  Workspace& ws = *workspace_;
+  if (const std::string error = check_forward(x, nullptr, mask); !error.empty()) throw Error(error);
+  const Plan& plan = ws.plan;
+  load_parameters(plan.channels, ws.scale, ws.bias);
+  KernelInputs in;
+  Backend& backend = ws.begin(plan, x, mask, nullptr, nullptr, nullptr, stream_, in);
+  ws.moments.resize(size_t(plan.num_cells));
+  for (const CellRange& block : backend.blocks(plan, dtype_size(plan.input_dtype), false))
+    backend.partial_stats(in, block, ws.moments.data());
+  std::vector<double> payload(size_t(3 * plan.num_cells));
+  for (size_t i = 0; i < ws.moments.size(); ++i) {
+    payload[3 * i] = ws.moments[i].count;
+    payload[3 * i + 1] = ws.moments[i].mean;
+    payload[3 * i + 2] = ws.moments[i].m2;
+  }
+  return payload;
+}
+
+void GroupNorm::forward_finish(const TensorView& x, const TensorView& y, const MaskView* mask,
+                               const double* gathered, int ranks, ForwardState* state_out) {
+  Workspace& ws = *workspace_;
+  ForwardState& state = state_out ? *state_out : ws.state;
+  if (const std::string error = check_forward(x, &y, mask); !error.empty()) throw Error(error);
+  const Plan& plan = ws.plan;
+  if (ranks < 1 || (!gathered && plan.num_cells > 0))
+    throw Error("forward_finish needs the partial statistics of at least one rank, got " + std::to_string(ranks));
+  load_parameters(plan.channels, ws.scale, ws.bias);
+  KernelInputs in;
+  Backend& backend = ws.begin(plan, x, mask, nullptr, config_.use_scale ? ws.scale.data() : nullptr,
+                              config_.use_bias ? ws.bias.data() : nullptr, stream_, in);
+  void* out = backend.output(plan, y.data, plan.output_dtype);
+  state.plan_ = plan;
+  state.cells_ = backend.cell_statistics(std::move(state.cells_), plan.num_cells);
+  const FinalizeParams finalize{config_.epsilon, config_.use_fast_variance, plan.stats_dtype};
+  ws.moments.resize(size_t(plan.num_cells));
+  merge_in_rank_order(gathered, size_t(3 * plan.num_cells), ranks, plan.num_cells, ws.moments.data());
+  for (const CellRange& block : backend.blocks(plan, dtype_size(plan.input_dtype), false)) {
+    ws.store_merged(backend, block, finalize, *state.cells_);
+    backend.normalize(in, block, *state.cells_, out, plan.output_dtype);
+  }
+  backend.finish_output(plan, y.data, plan.output_dtype);
+}
+
+std::vector<double> GroupNorm::backward_partial_sums(const TensorView& x, const TensorView& dy, const MaskView* mask,
+                                                     const ForwardState& state) {
+  Workspace& ws = *workspace_;
+  if (const std::string error = check_backward(x, dy, mask, state, nullptr, nullptr, nullptr); !error.empty())
+    throw Error(error);
+  const Plan& plan = state.plan_;
+  load_parameters(plan.channels, ws.scale, ws.bias);
+  KernelInputs in;
+  Backend& backend =
+      ws.begin(plan, x, mask, &dy, config_.use_scale ? ws.scale.data() : nullptr, nullptr, stream_, in);
+  std::vector<double> payload(size_t(2 * plan.num_cells + 2 * plan.channels), 0.0);
+  for (const CellRange& block : backend.blocks(plan, dtype_size(plan.input_dtype) + dtype_size(dy.dtype), false))
+    backend.backward_sums(in, block, *state.cells_, payload.data(), payload.data() + 2 * plan.num_cells);
+  return payload;
+}
+
+void GroupNorm::backward_finish(const TensorView& x, const TensorView& dy, const MaskView* mask,
+                                const ForwardState& state, const double* summed, const TensorView& dx,
+                                const TensorView* dscale, const TensorView* dbias) {
+  Workspace& ws = *workspace_;
+  if (const std::string error = check_backward(x, dy, mask, state, &dx, dscale, dbias); !error.empty())
+    throw Error(error);
+  const Plan& plan = state.plan_;
+  if (!summed && plan.num_cells + plan.channels > 0) throw Error("backward_finish needs the summed partial sums");
+  load_parameters(plan.channels, ws.scale, ws.bias);
+  KernelInputs in;
+  Backend& backend =
+      ws.begin(plan, x, mask, &dy, config_.use_scale ? ws.scale.data() : nullptr, nullptr, stream_, in);
+  void* dx_out = backend.output(plan, dx.data, plan.input_dtype);
+  for (const CellRange& block : backend.blocks(plan, dtype_size(plan.input_dtype) + dtype_size(dy.dtype), false)) {
+    backend.store_terms(block, summed, *state.cells_);
+    backend.input_grad(in, block, *state.cells_, dx_out);
+  }
+  backend.finish_output(plan, dx.data, plan.input_dtype);
+  ws.sums.assign(summed + 2 * plan.num_cells, summed + 2 * plan.num_cells + 2 * plan.channels);
+  store_param_grads(backend, false, ws.sums.data(), plan.channels, dscale, dbias, config_.param_dtype);
 }
 
 }  // namespace distgn

@@ -281,3 +281,73 @@ TEST_CASE("mpi group norm: invalid or disagreeing input fails on every rank, the
   CHECK_NOTHROW(layer.backward(x.view(Layout::channels_last), dy.view(Layout::channels_last), nullptr, state,
                                dx.view(Layout::channels_last)));
 }
+
+// The phases of a call with the caller's own collective (here the MPI
+// communicator's allgather and allreduce, called by the test) give bitwise
+// what forward() and backward() give over the communicator: y, dx, the
+// statistics, and dscale/dbias with the channel sums summed by the caller.
+TEST_CASE("mpi group norm: the phases with the caller's collective equal forward and backward, bitwise", "[mpi]") {
+  omp_set_num_threads(1);
+  auto comm = mpi_communicator();
+  const int ranks = comm->size();
+  GroupNormConfig config;
+  config.num_groups = 4;
+  for (const Layout layout : {Layout::channels_last, Layout::channels_first}) {
+    const Shape shape = layout == Layout::channels_last ? Shape{2, 3 + comm->rank(), 5, 8} : Shape{2, 8, 3 + comm->rank(), 5};
+    const Array x = random_array(shape, DType::f64, 40 + uint64_t(comm->rank()), 2.0);
+    const Array dy = random_array(shape, DType::f64, 50 + uint64_t(comm->rank()));
+    std::mt19937 rng(60 + unsigned(comm->rank()));
+    const std::vector<uint8_t> mask = random_mask_one_in(element_count(shape), rng, 5);
+    const MaskView mask_view{mask.data(), shape};
+    const Array scale = random_array({8}, DType::f32, 77, 1.0, 0.3), bias = random_array({8}, DType::f32, 78, 0.0, 0.5);
+
+    // forward() and backward() over the communicator.
+    GroupNorm over_comm(config, comm);
+    over_comm.set_scale(scale.view());
+    over_comm.set_bias(bias.view());
+    Array y_want(shape, DType::f64), dx_want(shape, DType::f64);
+    ForwardState state_want;
+    over_comm.forward(x.view(layout), y_want.view(layout), &mask_view, &state_want);
+    std::vector<float> dscale_want(8), dbias_want(8);
+    TensorView dscale_want_view{dscale_want.data(), {8}, DType::f32}, dbias_want_view{dbias_want.data(), {8}, DType::f32};
+    over_comm.backward(x.view(layout), dy.view(layout), &mask_view, state_want, dx_want.view(layout),
+                       &dscale_want_view, &dbias_want_view, ParamGradReduction::group);
+
+    // The phases on a local layer, the collectives the caller's.
+    GroupNorm phases(config);
+    phases.set_scale(scale.view());
+    phases.set_bias(bias.view());
+    const std::vector<double> mine = phases.forward_partial_stats(x.view(layout), &mask_view);
+    REQUIRE(mine.size() == size_t(3 * state_want.plan().num_cells));
+    std::vector<double> gathered(mine.size() * size_t(ranks));
+    comm->allgather(mine.data(), mine.size(), gathered.data());
+    Array y(shape, DType::f64), dx(shape, DType::f64);
+    ForwardState state;
+    phases.forward_finish(x.view(layout), y.view(layout), &mask_view, gathered.data(), ranks, &state);
+    std::vector<double> sums = phases.backward_partial_sums(x.view(layout), dy.view(layout), &mask_view, state);
+    REQUIRE(sums.size() == size_t(2 * state.plan().num_cells + 2 * 8));
+    comm->allreduce_sum(sums.data(), sums.size());
+    std::vector<float> dscale(8), dbias(8);
+    TensorView dscale_view{dscale.data(), {8}, DType::f32}, dbias_view{dbias.data(), {8}, DType::f32};
+    phases.backward_finish(x.view(layout), dy.view(layout), &mask_view, state, sums.data(), dx.view(layout),
+                           &dscale_view, &dbias_view);
+
+    CHECK(state.mean() == state_want.mean());
+    CHECK(state.rstd() == state_want.rstd());
+    CHECK(state.count() == state_want.count());
+    CHECK(y.bytes == y_want.bytes);
+    CHECK(dx.bytes == dx_want.bytes);
+    CHECK(dscale == dscale_want);
+    CHECK(dbias == dbias_want);
+  }
+}
+
+// A phase raises its own rank's invalid call, before any collective.
+TEST_CASE("group norm phases: an invalid call raises in the first phase", "[mpi]") {
+  GroupNormConfig config;
+  config.num_groups = 3;
+  GroupNorm layer(config);
+  const Array x = random_array({2, 4, 8}, DType::f64, 1);
+  CHECK_THROWS_WITH(layer.forward_partial_stats(x.view(Layout::channels_last)),
+                    Catch::Contains("Number of groups (3) does not divide the number of channels (8)."));
+}
