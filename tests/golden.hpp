@@ -57,7 +57,7 @@ inline std::vector<double> values(const distgn::io::NpyArray& a) {
   return v;
 }
 
-// SPEC §8's comparison rule lives with the other comparisons in
+// semantics §8's comparison rule lives with the other comparisons in
 // test_arrays.hpp; tests/cli calls it by this name.
 using distgn_test::compare;
 

@@ -1,13 +1,13 @@
-// The float64 reference of the layer (SPEC §1-§6, §9) that the tests hold the
+// The float64 reference of the layer (semantics §1-§6, §9) that the tests hold the
 // library to, written with plain loops over a generic N-d index and no code
 // shared with the library's plan or kernels:
-//  - cell_map: the cell and channel of every element (SPEC §1-§3);
+//  - cell_map: the cell and channel of every element (semantics §1-§3);
 //  - two_pass_moments / reference_partial_stats: each cell's count, mean and
 //    M2 over its valid elements, two passes in long double (the exact
 //    counterpart of the partial stats a backend computes and merges);
-//  - reference_forward: mean and rstd rounded to the stats dtype as SPEC §5/§6
+//  - reference_forward: mean and rstd rounded to the stats dtype as semantics §5/§6
 //    say (what the library's ForwardState holds), and y;
-//  - reference_backward: SPEC §9's dx, dscale and dbias from those statistics.
+//  - reference_backward: semantics §9's dx, dscale and dbias from those statistics.
 #pragma once
 
 #include <catch2/catch.hpp>
@@ -33,7 +33,7 @@ struct CellMap {
   std::vector<int64_t> cell, channel;  // per element
 };
 
-// SPEC §1-§3 directly: the reduced axes (Flax's default when none are
+// semantics §1-§3 directly: the reduced axes (Flax's default when none are
 // given), cells row-major over the kept axes, then the group.
 inline CellMap cell_map(const GroupNormConfig& config, const Shape& shape, Layout layout) {
   CellMap g;
@@ -71,7 +71,7 @@ inline CellMap cell_map(const GroupNormConfig& config, const Shape& shape, Layou
   return g;
 }
 
-// SPEC §5's stats dtype.
+// semantics §5's stats dtype.
 inline DType reference_stats_dtype(const GroupNormConfig& c, DType x_dtype) {
   DType t = c.dtype.value_or(x_dtype);
   if (c.force_float32_reductions && (t == DType::f16 || t == DType::bf16)) t = DType::f32;
@@ -116,7 +116,7 @@ struct Reference {
   std::vector<double> var;                   // unrounded, float64
 };
 
-// SPEC §4-§6: mean, var and rstd rounded to the stats dtype the way SPEC
+// semantics §4-§6: mean, var and rstd rounded to the stats dtype the way semantics
 // §5/§6 say (the library's ForwardState holds the same), then y.
 inline Reference reference_forward(const GroupNormConfig& config, const Shape& shape, Layout layout, DType x_dtype,
                                    const std::vector<double>& x,
@@ -143,7 +143,7 @@ inline Reference reference_forward(const GroupNormConfig& config, const Shape& s
       continue;
     }
     if (config.use_fast_variance && (stats == DType::f16 || stats == DType::bf16)) {
-      // SPEC 4's fast formula evaluated in the (half) stats dtype:
+      // semantics §4's fast formula evaluated in the (half) stats dtype:
       // max(0, mean(x^2) - mean(x)^2), every term rounded.
       const double mu2 = rounded(stats, double(m.m2 / m.count + m.mean * m.mean));
       var = std::max(0.0, mu2 - rounded(stats, r.mean[c] * r.mean[c]));
@@ -165,7 +165,7 @@ struct ReferenceGrad {
   std::vector<double> dx, dscale, dbias;
 };
 
-// SPEC §9 with the reference's statistics.
+// semantics §9 with the reference's statistics.
 inline ReferenceGrad reference_backward(const Reference& ref, const std::vector<double>& x,
                                         const std::vector<double>& dy, const std::vector<uint8_t>& mask,
                                         const std::vector<double>& scale) {

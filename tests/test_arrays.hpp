@@ -1,7 +1,7 @@
 // Host arrays for the tests (core, comm, cpu, cuda): an owned dense array of
 // any storage dtype, seeded random data and masks, N-d indexing, the
 // numpy.array_split shards of the distributed tests, and the comparisons the
-// tests assert with, SPEC §8's tolerance among them. Elements are read and
+// tests assert with, semantics §8's tolerance among them. Elements are read and
 // written through core/half.hpp's conversions (which the Flax golden tests
 // pin), never through the library's own element or kernel code.
 #pragma once
@@ -292,7 +292,7 @@ inline double ulp(DType t, double v) {
   return std::ldexp(1.0, std::max(exponent - 1, min_exponent) - mantissa_bits);
 }
 
-// SPEC §8 for outputs: float32/64 within 1e-4 (absolute, relative beyond
+// semantics §8 for outputs: float32/64 within 1e-4 (absolute, relative beyond
 // unit scale); half dtypes within one ulp of the output dtype plus 1e-3
 // relative. `narrowest` is the narrowest dtype the computation rounds to.
 inline double tolerance(DType narrowest, double reference, double ulps = 1.0) {
@@ -328,7 +328,7 @@ inline Comparison compare(const std::vector<double>& got, const std::vector<doub
   return c;
 }
 
-// SPEC §8 for half outputs (compare's rule at unit ulps, no floor), as a
+// semantics §8 for half outputs (compare's rule at unit ulps, no floor), as a
 // Catch check reporting the first mismatch.
 inline void check_half_outputs(const std::vector<double>& got, const std::vector<double>& want, DType dtype,
                                const std::string& what) {

@@ -23,7 +23,7 @@ DType dtype_of_file(const io::NpyArray& a) {
   switch (a.type) {
     case io::NpyType::f2: return DType::f16;
     case io::NpyType::f8: return DType::f64;
-    default: return DType::f32;  // f4, and integers promote to float32 (SPEC §5)
+    default: return DType::f32;  // f4, and integers promote to float32 (semantics §5)
   }
 }
 
@@ -136,7 +136,7 @@ void check_output_paths(const ApplyOptions& o, Communicator& comm) {
 // output paths).
 GroupNormConfig layer_config(const ApplyOptions& o) {
   GroupNormConfig c;
-  // Either option alone selects its mode; both is SPEC §2's error.
+  // Either option alone selects its mode; both is semantics §2's error.
   c.num_groups = o.group_size && !o.num_groups ? std::nullopt : std::optional<int64_t>(o.num_groups.value_or(32));
   c.group_size = o.group_size;
   // The library takes any epsilon, as Flax does; the tool refuses the
@@ -268,7 +268,7 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
   }
   GroupNorm layer(config, comm);
   // Validate the whole configuration on the unsharded shape first, so every
-  // rank reports SPEC §2's message the same way whatever its shard.
+  // rank reports semantics §2's message the same way whatever its shard.
   const Plan whole_plan = layer.plan(local_template, layout, x_all.dtype);
   const Sharding sharding = checked_sharding(requested, whole_plan);
 

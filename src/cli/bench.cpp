@@ -409,7 +409,7 @@ void add_bench_options(CLI::App& app, BenchOptions& o, std::string& comm_name) {
   app.add_option("--shape", o.shapes, "global shape, e.g. 8,64,64,320 (repeatable, or ';'-separated)");
   app.add_option("--num-groups", o.num_groups, "number of groups (default 32)");
   app.add_option("--dtype", o.dtype, "input dtype f32|f64|f16|bf16 (default f32)");
-  app.add_option("--param-dtype", o.param_dtype, "scale/bias dtype (default f32; the output dtype follows, SPEC §5)");
+  app.add_option("--param-dtype", o.param_dtype, "scale/bias dtype (default f32; the output dtype follows, semantics §5)");
   app.add_option("--layout", o.layout, "nhwc (default) or nchw");
   app.add_option("--backend", o.backend, "cpu (default) or cuda");
   app.add_option("--threads", o.threads, "OpenMP threads per rank (default: OpenMP's)");

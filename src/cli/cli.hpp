@@ -27,7 +27,7 @@ struct HostArray {
   TensorView view(Layout layout) { return {bytes.data(), shape, dtype, layout, Device::cpu}; }
 };
 
-// How the ranks of a run share the input (DESIGN "command-line tool").
+// How the ranks of a run share the input (docs/cli.md).
 struct Sharding {
   enum class Mode { none, ranks_axis, shard_axis } mode = Mode::none;
   int axis = 0;  // shard_axis

@@ -4,7 +4,7 @@
 //
 //  1. every Flax golden case (tests/data/flax) from the shell, with the
 //     tolerance rules of tests/core/test_flax_golden.cpp;
-//  2. SPEC §2's messages and the other invalid inputs: exit status 2, the
+//  2. semantics §2's messages and the other invalid inputs: exit status 2, the
 //     message on stderr, no output file;
 //  3. under mpiexec: the pmap golden cases (tests/data/flax_pmap) with
 //     --ranks-axis, --shard-axis against the single-process run, and invalid
@@ -366,7 +366,7 @@ TEST_CASE("cli apply: every Flax golden case reproduces from the shell", "[cli][
       const bool half_stats = dtype_size(stats) == 2;
 
       // As in test_flax_golden.cpp: Flax's dx is NaN at masked NaN inputs,
-      // where SPEC §9 gives rstd * dy * scale; those positions are skipped.
+      // where semantics §9 gives rstd * dy * scale; those positions are skipped.
       std::vector<bool> skip_dx;
       if (golden::has_file(c, "mask")) {
         const std::vector<double> mask = golden::values(golden::file("flax", c, "mask"));
@@ -385,7 +385,7 @@ TEST_CASE("cli apply: every Flax golden case reproduces from the shell", "[cli][
         const io::NpyArray got_file = io::read_npy(path);
         const io::NpyArray want_file = golden::file("flax", c, key.c_str());
         const DType dtype = key == "y" ? output : key == "dx" ? input : config.param_dtype;
-        // bfloat16 is written as float32 (DESIGN), the others as themselves.
+        // bfloat16 is written as float32 (docs/cli.md), the others as themselves.
         CHECK(io::npy_descr(got_file.type) == io::npy_descr(io::npy_type_for(dtype)));
         REQUIRE(got_file.shape == want_file.shape);
         std::vector<double> mine = golden::values(got_file), want = golden::values(want_file);
@@ -421,7 +421,7 @@ TEST_CASE("cli apply: every Flax golden case reproduces from the shell", "[cli][
 
 // ---- 2. invalid input in one process -------------------------------------------------
 
-TEST_CASE("cli apply: every SPEC 2 message exits 2 and writes nothing", "[cli][errors]") {
+TEST_CASE("cli apply: every semantics 2 message exits 2 and writes nothing", "[cli][errors]") {
   Inputs in;
   const std::string base = " --x x.npy --y out_y.npy";
   struct Case {
@@ -598,8 +598,8 @@ TEST_CASE("cli apply: inconsistent options exit 2 and write nothing", "[cli][err
   }
 }
 
-// DESIGN: "2 with the SPEC message on stderr for invalid input ... no file
-// written": --dscale/--dbias against --no-scale/--no-bias is checked before
+// docs/cli.md: invalid input exits 2 with the semantics §2 message on stderr, no file
+// written: --dscale/--dbias against --no-scale/--no-bias is checked before
 // any work.
 TEST_CASE("cli apply: --dscale with --no-scale exits 2 and writes nothing", "[cli][errors]") {
   Inputs in;
@@ -738,7 +738,7 @@ TEST_CASE("cli apply: pmap golden cases under mpiexec --ranks-axis", "[cli][mpi]
       CHECK(rank_statuses(dir, ranks) == std::vector<int>(size_t(ranks), 0));
       CHECK(r.seconds < 30);
 
-      // float32 throughout: SPEC §8's 1e-4, at unit scale for y and at the
+      // float32 throughout: semantics §8's 1e-4, at unit scale for y and at the
       // gradients' own scale for dx, dscale, dbias (as the golden test).
       for (const std::string key : {"y", "dx"}) {
         const io::NpyArray got = io::read_npy(dir / ("out_" + key + ".npy"));

@@ -269,7 +269,7 @@ TEST_CASE("mpi group norm: invalid or disagreeing input fails on every rank, the
                                    state, dx.view(Layout::channels_last)),
                     Error);
   }
-  SECTION("every rank has a bad group count: SPEC's message everywhere") {
+  SECTION("every rank has a bad group count: the semantics 2 message everywhere") {
     GroupNormConfig bad = config;
     bad.num_groups = 3;
     GroupNorm bad_layer(bad, comm);

@@ -1,5 +1,5 @@
 // Tests of one cell's statistics (src/core/cell_stats.hpp): partial moments
-// from shifted sums, Chan's merge, finalisation into mean and rstd (SPEC §4,
+// from shifted sums, Chan's merge, finalisation into mean and rstd (semantics §4,
 // §6), and the half / bfloat16 conversions every backend shares
 // (src/core/half.hpp).
 #include <catch2/catch.hpp>

@@ -1,6 +1,6 @@
 // Every Flax golden case (tests/data/flax, from scripts/gen_flax_golden.py)
 // through the library: forward y and backward dx, dscale, dbias, within
-// SPEC §8's tolerances.
+// semantics §8's tolerances.
 #include <catch2/catch.hpp>
 
 #include "distgn/group_norm.hpp"
@@ -26,7 +26,7 @@ TEST_CASE("flax golden: every case matches Flax forward and backward", "[golden]
       auto got = run_case(c, false);
 
       // Flax masks NaN data with where(), but its VJP of x^2 multiplies the
-      // zero cotangent by NaN: NaN dx at masked NaN positions, where SPEC §9
+      // zero cotangent by NaN: NaN dx at masked NaN positions, where semantics §9
       // gives rstd * dy * scale. Those positions are not compared.
       std::vector<bool> skip_dx(got["dx"].size(), false);
       if (golden::has_file(c, "mask")) {
@@ -48,10 +48,10 @@ TEST_CASE("flax golden: every case matches Flax forward and backward", "[golden]
         const DType dtype = std::string(key) == "y" ? output
                             : std::string(key) == "dx" ? input : config.param_dtype;
         const DType narrowest = narrower(dtype, stats);
-        // Tolerances (SPEC §8): values are compared at the scale of their
+        // Tolerances (semantics §8): values are compared at the scale of their
         // operands: 1 for y, the largest |value| for gradients, which come out
         // of cancellations. With a half stats dtype Flax rounds every step of
-        // SPEC §6 to it, and with half inputs it rounds dx's two paths
+        // semantics §6 to it, and with half inputs it rounds dx's two paths
         // separately before adding them; distgn rounds once: allow 4 ulps.
         const double floor = std::string(key) == "y" ? (half_stats ? 1.0 : 0.0) : std::max(1.0, max_abs(want));
         const double ulps = half_stats || (std::string(key) == "dx" && dtype_size(input) == 2) ? 4.0 : 1.0;

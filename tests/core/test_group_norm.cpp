@@ -1,5 +1,5 @@
 // Tests of distgn::GroupNorm on the CPU with the local communicator, against
-// the float64 reference of SPEC §3-§6 and §9 (tests/reference.hpp: plain
+// the float64 reference of semantics §3-§6 and §9 (tests/reference.hpp: plain
 // loops over a generic N-d index, no code shared with the library's kernels).
 #include <catch2/catch.hpp>
 
@@ -351,7 +351,7 @@ TEST_CASE("group norm: an all-masked cell gives NaN statistics and outputs for t
   }
 }
 
-TEST_CASE("group norm: half and bfloat16 inputs meet SPEC 8's tolerance", "[group_norm][dtype]") {
+TEST_CASE("group norm: half and bfloat16 inputs meet semantics 8's tolerance", "[group_norm][dtype]") {
   struct Case {
     DType x;
     bool affine;
@@ -507,7 +507,7 @@ TEST_CASE("group norm: NHWC and NCHW layouts agree", "[group_norm][layout]") {
     const Forward f_last = run_forward(last, x_last);
     const Forward f_first = run_forward(first, x_first);
     // Both layouts sum in float over blocks of at most 256 elements, in
-    // different orders: within SPEC §8's 1e-5 relative of each other.
+    // different orders: within semantics §8's 1e-5 relative of each other.
     check_close(transpose(f_last.y.values(), nhwc, to_nchw), f_first.y.values(), 1e-5, 1e-5, "y");
     check_close(f_last.state.mean(), f_first.state.mean(), 1e-6, 0, "mean");
     check_close(f_last.state.rstd(), f_first.state.rstd(), 0, 1e-5, "rstd");
@@ -752,7 +752,7 @@ TEST_CASE("group norm: backward without scale or bias matches finite differences
   check_finite_differences(c, {2, 4, 3}, kFirst, false, 61);
 }
 
-TEST_CASE("group norm: backward matches SPEC 9 on larger shapes", "[group_norm][backward]") {
+TEST_CASE("group norm: backward matches semantics 9 on larger shapes", "[group_norm][backward]") {
   struct Case {
     Shape shape;
     Layout layout;
@@ -854,7 +854,7 @@ TEST_CASE("group norm: ParamGradReduction local, group and all agree on one rank
 
 // ---- validation through the layer ---------------------------------------------------------
 
-TEST_CASE("group norm: SPEC 2 errors come through forward, y untouched", "[group_norm][errors]") {
+TEST_CASE("group norm: semantics 2 errors come through forward, y untouched", "[group_norm][errors]") {
   const Shape shape{2, 4, 4, 32};
   Array x(shape, DType::f32, kLast, random_values(2 * 16 * 32, 1, 0, 1, DType::f32));
   Array y(shape, DType::f32);
@@ -1225,7 +1225,7 @@ TEST_CASE("group norm: a single-rank layer makes no collective per call", "[grou
 
 TEST_CASE("group norm: backward works from the state alone, on another instance",
           "[group_norm][backward]") {
-  // DESIGN: the saved state of a forward call is what backward needs. A
+  // docs/design.md: the saved state of a forward call is what backward needs. A
   // second layer with the same configuration and parameters (e.g. a restored
   // checkpoint) must give the same gradients from that state.
   GroupNormConfig config = make_config(4);
@@ -1242,7 +1242,7 @@ TEST_CASE("group norm: backward works from the state alone, on another instance"
   check_close(from_b.dx.values(), from_a.dx.values(), 1e-6, 1e-6, "dx");
   const Reference ref = reference_forward(config, shape, kLast, DType::f32, x.values(), {}, scale, bias);
   const ReferenceGrad g = reference_backward(ref, x.values(), dy.values(), {}, scale);
-  check_close(from_b.dx.values(), g.dx, 1e-5, 1e-4, "dx against SPEC 9");
+  check_close(from_b.dx.values(), g.dx, 1e-5, 1e-4, "dx against semantics 9");
 }
 
 TEST_CASE("group norm: a ForwardState reused across layers holds the last layer's plan",

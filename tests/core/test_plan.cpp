@@ -1,5 +1,5 @@
-// Tests of distgn::resolve (SPEC §2's validation and §3's cells), stats_dtype
-// and output_dtype (SPEC §5): the messages a user sees, in SPEC's order of
+// Tests of distgn::resolve (semantics §2's validation and §3's cells), stats_dtype
+// and output_dtype (semantics §5): the messages a user sees, in semantics §2's order of
 // precedence, and the plan the kernels walk.
 #include <catch2/catch.hpp>
 
@@ -65,7 +65,7 @@ GroupNormConfig with_axes(std::vector<int64_t> axes, int64_t groups = 4) {
 
 }  // namespace
 
-// ---- SPEC §2 rule 1: the reduction axes must contain the feature axis -------
+// ---- semantics §2 rule 1: the reduction axes must contain the feature axis -------
 
 TEST_CASE("plan: reduction axes without the feature axis are rejected (channels last)", "[plan]") {
   const Shape shape{2, 4, 4, 32};
@@ -104,7 +104,7 @@ TEST_CASE("plan: an out-of-range reduction axis is an error", "[plan]") {
   CHECK_THROWS_AS(resolve(with_axes({1, 100}), shape, Layout::channels_first, DType::f32), Error);
   // The bounds themselves are fine.
   CHECK(resolve_error(with_axes({-4, 3}), shape) == "");
-  // The message is not one of SPEC's rule messages.
+  // The message is not one of semantics §2's rule messages.
   const std::string message = resolve_error(with_axes({1, 2, 3, 4}), shape);
   CHECK(message != "");
   CHECK(message != kFeatureAxisMessage);
@@ -127,7 +127,7 @@ TEST_CASE("plan: reduction axes are canonicalised (negatives, duplicates, order)
   CHECK(first.reduction_axes == std::vector<int64_t>{1, 2, 3});
 }
 
-// ---- SPEC §2 rule 2: exactly one of num_groups / group_size ------------------
+// ---- semantics §2 rule 2: exactly one of num_groups / group_size ------------------
 
 TEST_CASE("plan: both or neither of num_groups and group_size is an error", "[plan]") {
   const Shape shape{2, 4, 4, 32};
@@ -142,7 +142,7 @@ TEST_CASE("plan: both or neither of num_groups and group_size is an error", "[pl
   CHECK(resolve_error(defaults, shape) == kEitherMessage);
 }
 
-// ---- SPEC §2 rule 3: the group_size path -------------------------------------
+// ---- semantics §2 rule 3: the group_size path -------------------------------------
 
 TEST_CASE("plan: group_size must divide the number of channels", "[plan]") {
   CHECK(resolve_error(with_groups(std::nullopt, 3), {2, 4, 4, 32}) == group_size_message(32, 3));
@@ -160,7 +160,7 @@ TEST_CASE("plan: group_size <= 0 is the group size error", "[plan]") {
   CHECK(resolve_error(with_groups(std::nullopt, -32), {2, 4, 32}) == group_size_message(32, -32));
 }
 
-// ---- SPEC §2 rule 4: the num_groups path -------------------------------------
+// ---- semantics §2 rule 4: the num_groups path -------------------------------------
 
 TEST_CASE("plan: num_groups must divide the number of channels", "[plan]") {
   CHECK(resolve_error(with_groups(7), {2, 4, 4, 32}) == num_groups_message(7, 32));
@@ -178,9 +178,9 @@ TEST_CASE("plan: num_groups <= 0 is the number of groups error", "[plan]") {
   CHECK(resolve_error(with_groups(-4), {2, 4, 32}) == num_groups_message(-4, 32));
 }
 
-// ---- SPEC §2: the order of precedence ----------------------------------------
+// ---- semantics §2: the order of precedence ----------------------------------------
 
-TEST_CASE("plan: errors are reported in SPEC order of precedence", "[plan]") {
+TEST_CASE("plan: errors are reported in the semantics 2 order of precedence", "[plan]") {
   const Shape shape{2, 4, 4, 32};
   SECTION("rule 1 before rule 2") {
     GroupNormConfig c = with_axes({1, 2});
@@ -211,7 +211,7 @@ TEST_CASE("plan: errors are reported in SPEC order of precedence", "[plan]") {
   }
 }
 
-// ---- SPEC §5: dtypes ---------------------------------------------------------
+// ---- semantics §5: dtypes ---------------------------------------------------------
 
 TEST_CASE("plan: stats dtype promotes half inputs to float32 with force_float32_reductions",
           "[plan][dtype]") {
@@ -294,7 +294,7 @@ TEST_CASE("plan: a set dtype field wins for the output dtype", "[plan][dtype]") 
   CHECK(distgn::output_dtype(c, DType::bf16) == DType::f32);
 }
 
-TEST_CASE("plan: resolve fills the dtypes of SPEC 5", "[plan][dtype]") {
+TEST_CASE("plan: resolve fills the dtypes of semantics 5", "[plan][dtype]") {
   GroupNormConfig c = with_groups(4);
   Plan p = resolve(c, {2, 4, 8}, Layout::channels_last, DType::bf16);
   CHECK(p.input_dtype == DType::bf16);
@@ -311,7 +311,7 @@ TEST_CASE("plan: resolve fills the dtypes of SPEC 5", "[plan][dtype]") {
   CHECK(p.compute_dtype == DType::f64);
 }
 
-// ---- SPEC §3: cells ----------------------------------------------------------
+// ---- semantics §3: cells ----------------------------------------------------------
 
 TEST_CASE("plan: default reduction axes give N*G cells (channels last)", "[plan][cells]") {
   const Plan p = resolve(with_groups(8), {3, 5, 7, 32}, Layout::channels_last, DType::f32);

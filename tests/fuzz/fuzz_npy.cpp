@@ -1,5 +1,5 @@
 // libFuzzer target for the .npy reader (src/io/npy.cpp): any byte string is
-// either read or rejected with distgn::Error (SPEC: every problem is an Error
+// either read or rejected with distgn::Error (semantics §2: every problem is an Error
 // naming the file); anything else -- a crash, a sanitizer report, another
 // exception, an array whose bytes disagree with its shape -- is a finding.
 #include <sys/mman.h>
