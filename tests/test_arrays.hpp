@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/array_split.hpp"
 #include "core/half.hpp"
 #include "distgn/tensor.hpp"
 
@@ -190,14 +191,8 @@ inline std::vector<uint8_t> expand_mask(const std::vector<uint8_t>& mask, const 
   return out;
 }
 
-// ---- shards (the distributed tests) -------------------------------------------------
+// ---- shards (the distributed tests; cut like distgn::array_split_range) ----------------
 
-// numpy.array_split: [begin, end) of part r of `parts` over n.
-inline std::pair<int64_t, int64_t> part(int64_t n, int parts, int r) {
-  const int64_t base = n / parts, extra = n % parts;
-  const int64_t begin = r * base + std::min<int64_t>(r, extra);
-  return {begin, begin + base + (r < extra ? 1 : 0)};
-}
 
 // [begin, end) along `axis` of C-ordered `bytes` of `shape`, elements of
 // `element_size` bytes (1 for a mask).
@@ -216,7 +211,7 @@ inline std::vector<uint8_t> slice_bytes(const std::vector<uint8_t>& bytes, const
 
 // Part r of `parts` of `a` along `axis` (numpy.array_split).
 inline Array shard(const Array& a, int axis, int parts, int r) {
-  const auto [begin, end] = part(a.shape[size_t(axis)], parts, r);
+  const auto [begin, end] = distgn::array_split_range(a.shape[size_t(axis)], parts, r);
   Shape shape = a.shape;
   shape[size_t(axis)] = end - begin;
   return Array::from_bytes(shape, a.dtype,

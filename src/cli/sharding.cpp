@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "cli/cli.hpp"
+#include "core/array_split.hpp"
 #include "core/group_exchange.hpp"
 #include "distgn/error.hpp"
 
@@ -25,14 +26,6 @@ AxisSplit around(const Shape& shape, int axis) {
     else s.inner *= shape[size_t(d)];
   }
   return s;
-}
-
-// numpy.array_split's part r of P along an extent n: the first n % P parts
-// are one longer. Returns [begin, end).
-std::pair<int64_t, int64_t> split_range(int64_t n, int parts, int r) {
-  const int64_t base = n / parts, extra = n % parts;
-  const int64_t begin = r * base + std::min<int64_t>(r, extra);
-  return {begin, begin + base + (r < extra ? 1 : 0)};
 }
 
 }  // namespace
@@ -122,7 +115,7 @@ HostArray shard(HostArray a, const Sharding& sharding, const Shape& x_shape, int
       // every rank would add the same slice to dscale/dbias.
       if (axis < 0) return a;
       if (a.shape[size_t(axis)] == 1 && x_shape[size_t(sharding.axis)] != 1) return a;
-      const auto [begin, end] = split_range(a.shape[size_t(axis)], ranks, rank);
+      const auto [begin, end] = array_split_range(a.shape[size_t(axis)], ranks, rank);
       return slice(std::move(a), axis, begin, end, false);
     }
   }
@@ -147,13 +140,13 @@ HostArray unshard(Communicator& comm, HostArray part, const Sharding& sharding, 
   int64_t offset = 0;
   for (int r = 0; r < comm.size(); ++r) {
     from.push_back(parts.data() + offset);
-    const auto [begin, end] = split_range(s.extent, comm.size(), r);
+    const auto [begin, end] = array_split_range(s.extent, comm.size(), r);
     offset += s.outer * (end - begin) * row;
   }
   uint8_t* out = whole.bytes.data();
   for (int64_t o = 0; o < s.outer; ++o)
     for (int r = 0; r < comm.size(); ++r) {
-      const auto [begin, end] = split_range(s.extent, comm.size(), r);
+      const auto [begin, end] = array_split_range(s.extent, comm.size(), r);
       const int64_t chunk = (end - begin) * row;
       out = std::copy_n(from[size_t(r)] + o * chunk, chunk, out);
     }

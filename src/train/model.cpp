@@ -4,6 +4,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "core/array_split.hpp"
 #include "train/rng.hpp"
 
 namespace distgn::train {
@@ -77,10 +78,9 @@ Placement Placement::of(int rank, int dp, int sp) {
   p.rank = rank;
   p.replica = rank / sp;
   p.shard = rank % sp;
-  // numpy.array_split: the first (8 % P) shards get one row more.
-  const int base = Digits::kSide / sp, extra = Digits::kSide % sp;
-  p.rows = base + (p.shard < extra ? 1 : 0);
-  p.row_begin = p.shard * base + std::min(p.shard, extra);
+  const SplitRange rows = array_split_range(Digits::kSide, sp, p.shard);
+  p.rows = int(rows.size());
+  p.row_begin = int(rows.begin);
   return p;
 }
 

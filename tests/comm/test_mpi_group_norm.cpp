@@ -16,7 +16,6 @@
 using namespace distgn;
 using distgn_test::Array;
 using distgn_test::max_difference;
-using distgn_test::part;
 using distgn_test::random_array;
 using distgn_test::random_mask_one_in;
 using distgn_test::shard;
@@ -101,7 +100,7 @@ void check_against_single_process(const Case& c) {
   const Array x_part = shard(x, c.shard_axis, parts, position), dy_part = shard(dy, c.shard_axis, parts, position);
   std::vector<uint8_t> mask_part;
   if (c.mask) {
-    const auto [begin, end] = part(c.shape[size_t(c.shard_axis)], parts, position);
+    const auto [begin, end] = array_split_range(c.shape[size_t(c.shard_axis)], parts, position);
     mask_part = slice_bytes(mask, c.shape, c.shard_axis, begin, end, 1);
   }
   const Result mine = run(layer, c, x_part, dy_part, c.mask ? &mask_part : nullptr, ParamGradReduction::group);

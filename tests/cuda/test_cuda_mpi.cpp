@@ -16,7 +16,6 @@
 using namespace distgn;
 using distgn_test::Array;
 using distgn_test::max_abs;
-using distgn_test::part;
 using distgn_test::random_array;
 using distgn_test::random_mask_one_in;
 using distgn_test::shard;
@@ -58,7 +57,7 @@ TEST_CASE("cuda + mpi: sharded device tensors equal the whole input on one proce
         std::mt19937_64 rng(3);
         mask = random_mask_one_in(element_count(c.shape), rng, 3);
       }
-      const auto [begin, end] = part(c.shape[size_t(c.axis)], ranks, rank);
+      const auto [begin, end] = array_split_range(c.shape[size_t(c.axis)], ranks, rank);
       Shape local_shape = c.shape;
       local_shape[size_t(c.axis)] = end - begin;
 
