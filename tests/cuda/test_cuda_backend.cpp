@@ -11,6 +11,8 @@
 
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 
@@ -442,6 +444,83 @@ TEST_CASE("cuda: results are the same bits every run, and on the default stream"
       CHECK(a.state.rstd() == c.state.rstd());
     }
   }
+}
+
+// Not a check: the output bytes of every matrix case (the layer's outputs
+// and statistics, and the Backend's unfused steps: moments, sums, terms and
+// dx from them) written to $DISTGN_BITS_OUT, so that a refactoring of the
+// kernels can be shown to keep every bit (run it before and after, compare
+// the files with cmp). Hidden: run it by name, `[.bits]`.
+TEST_CASE("cuda: output bytes of every matrix case, for before/after comparisons", "[.bits]") {
+  const char* path = std::getenv("DISTGN_BITS_OUT");
+  if (!path) {
+    WARN("set DISTGN_BITS_OUT to the file to write");
+    return;
+  }
+  std::FILE* out = std::fopen(path, "wb");
+  REQUIRE(out);
+  auto record = [&](const std::string& name, const std::string& key, const void* data, size_t bytes) {
+    std::fprintf(out, "%s %s %zu\n", name.c_str(), key.c_str(), bytes);
+    if (bytes) std::fwrite(data, 1, bytes, out);
+    std::fputc('\n', out);
+  };
+  auto doubles = [&](const std::string& name, const std::string& key, const std::vector<double>& v) {
+    record(name, key, v.data(), v.size() * sizeof(double));
+  };
+  cuda::StreamHandle stream;
+  uint64_t seed = 100;
+  for (const MatrixCase& m : matrix()) {
+    const Inputs in = make_inputs(m, seed++);
+    GpuOptions options;
+    options.stream = stream.get();
+    options.misalign = m.misalign;
+    const Outputs gpu = run_layer(in, true, options);
+    record(m.name, "y", gpu.y_bytes.data(), gpu.y_bytes.size());
+    record(m.name, "dx", gpu.dx_bytes.data(), gpu.dx_bytes.size());
+    for (const char* key : {"dscale", "dbias"})
+      if (gpu.values.count(key)) doubles(m.name, key, gpu.values.at(key));
+    doubles(m.name, "mean", gpu.state.mean());
+    doubles(m.name, "rstd", gpu.state.rstd());
+    doubles(m.name, "count", gpu.state.count());
+
+    // The steps a group of several ranks runs, on the whole tensor.
+    const Plan plan = resolve(in.config, in.x.shape, in.layout, in.x.dtype);
+    const int64_t cells = plan.num_cells, C = plan.channels;
+    const MaskView mask{in.mask.data(), in.mask_shape};
+    auto backend = make_cuda_backend(stream.get());
+    DeviceCopy xd = to_device(in.x.bytes.data(), in.x.bytes.size());
+    DeviceCopy dyd = to_device(in.dy.bytes.data(), in.dy.bytes.size());
+    backend->set_parameters(plan, in.scale.empty() ? nullptr : in.scale.data(),
+                            in.bias.empty() ? nullptr : in.bias.data());
+    const KernelInputs dev_in = backend->inputs(plan, xd.data, in.has_mask ? &mask : nullptr, dyd.data, in.dy.dtype);
+    const CellRange all{0, cells};
+    std::vector<CellMoments> moments(static_cast<size_t>(cells));
+    backend->partial_stats(dev_in, all, moments.data());
+    record(m.name, "moments", moments.data(), moments.size() * sizeof(CellMoments));
+    HostCellStatistics finalized;
+    finalized.resize(cells);
+    for (int64_t c = 0; c < cells; ++c) {
+      const CellStats s = finalize_moments(moments[size_t(c)], 1e-6, true, plan.stats_dtype);
+      finalized.mean[size_t(c)] = s.mean;
+      finalized.rstd[size_t(c)] = s.rstd;
+      finalized.count[size_t(c)] = moments[size_t(c)].count;
+      finalized.variance_clamped[size_t(c)] = s.variance_clamped;
+    }
+    const auto stats = backend->cell_statistics(nullptr, cells);
+    backend->store_statistics(all, finalized, *stats);
+    std::vector<double> sums(static_cast<size_t>(2 * cells)), channel_sums(size_t(2 * C), 0.0);
+    backend->backward_sums(dev_in, all, *stats, sums.data(), channel_sums.data());
+    doubles(m.name, "cell_sums", sums);
+    doubles(m.name, "channel_sums", channel_sums);
+    backend->store_terms(all, sums.data(), *stats);
+    Array dx(plan.shape, plan.input_dtype);
+    DeviceCopy dxd = to_device(dx.bytes.data(), dx.bytes.size());
+    backend->input_grad(dev_in, all, *stats, dxd.data);
+    CUDA_OK(cudaStreamSynchronize(stream.get()));
+    from_device(dx.bytes.data(), dxd);
+    record(m.name, "dx_unfused", dx.bytes.data(), dx.bytes.size());
+  }
+  REQUIRE(std::fclose(out) == 0);
 }
 
 TEST_CASE("cuda: one layer, many calls: shapes change, parameters change, no stale state", "[backend]") {
