@@ -1,0 +1,290 @@
+"""distgn for PyTorch: a drop-in torch.nn.GroupNorm with distgn's semantics.
+
+``GroupNorm(num_groups, num_channels, eps=1e-5, affine=True, ...)`` has
+torch.nn.GroupNorm's signature, parameters (``weight``, ``bias``) and
+state_dict, and Flax's fields as keywords. With ``process_group`` the
+statistics of a cell are those of the union of the group's shards
+(docs/semantics.md §7), merged by one torch.distributed collective per
+forward (an all_gather of every rank's partial moments) and one per backward
+(an all_reduce of the partial sums).
+
+Tensors are handed to the C++ layer by their data pointers: a contiguous
+(N, C, ...) tensor runs as distgn's channels-first layout, a tensor in
+torch.channels_last / channels_last_3d memory format as channels-last on its
+physical (N, ..., C) order, and outputs keep that memory format. Any other
+tensor (a strided view) is made contiguous once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import _distgn
+
+__all__ = ["GroupNorm", "group_norm"]
+
+_DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
+_TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"distgn supports float32, float64, float16 and bfloat16 tensors, not {dtype}") from None
+
+
+def _layout_of(x: torch.Tensor):
+    """(tensor with distgn-usable memory, layout, physical shape, memory format)."""
+    if x.dim() >= 3 and not x.is_contiguous():
+        fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+        if fmt is not None and x.is_contiguous(memory_format=fmt):
+            return x, "nhwc", (x.shape[0], *x.shape[2:], x.shape[1]), fmt
+    x = x.contiguous()
+    return x, "nchw", tuple(x.shape), torch.contiguous_format
+
+
+def _as_layout(t: torch.Tensor, fmt) -> torch.Tensor:
+    return t.contiguous(memory_format=fmt)
+
+
+def _view(t: torch.Tensor, layout: str, shape) -> "_distgn.View":
+    if t.device.type != "cpu":
+        raise ValueError(f"distgn.torch runs on CPU tensors in this build, not {t.device}")
+    return _distgn.View(t.data_ptr(), list(shape), _dtype_name(t.dtype), layout)
+
+
+def _mask_view(mask, x: torch.Tensor, layout: str):
+    """The mask as distgn's MaskView (one byte per element, in x's physical
+    axis order, the channel axis expanded to C); returns (owner, view)."""
+    if mask is None:
+        return None, None
+    m = torch.as_tensor(mask, device=x.device)
+    if m.dim() > x.dim():
+        raise ValueError(f"mask of shape {tuple(m.shape)} does not broadcast to x of shape {tuple(x.shape)}")
+    m = m.reshape((1,) * (x.dim() - m.dim()) + tuple(m.shape))
+    if x.dim() >= 2 and m.shape[1] == 1 and x.shape[1] != 1:
+        m = m.expand(m.shape[0], x.shape[1], *m.shape[2:])
+    if layout == "nhwc":
+        m = m.permute(0, *range(2, x.dim()), 1)
+    m = (m != 0).contiguous().view(torch.uint8)
+    return m, _distgn.MaskView(m.data_ptr(), list(m.shape))
+
+
+class _Config:
+    """One layer's fields; the C++ layers it makes, one per (x, weight) dtypes."""
+
+    def __init__(self, num_groups, group_size, eps, use_fast_variance, force_float32_reductions,
+                 process_group, axis_index_groups, reduce_param_grads):
+        self.num_groups = num_groups
+        self.group_size = group_size
+        self.eps = float(eps)
+        self.use_fast_variance = bool(use_fast_variance)
+        self.force_float32_reductions = bool(force_float32_reductions)
+        self.process_group = process_group
+        self.axis_index_groups = axis_index_groups
+        self.reduce_param_grads = bool(reduce_param_grads)
+        self._layers = {}
+        self._subgroup = None
+        self._agreed = set()
+
+    def layer(self, x_dtype: str, w_dtype, has_weight: bool, has_bias: bool):
+        key = (x_dtype, w_dtype, has_weight, has_bias)
+        layer = self._layers.get(key)
+        if layer is None:
+            # dtype = x's dtype: torch's output dtype (the statistics are at
+            # least float32 unless force_float32_reductions is off).
+            layer = _distgn.Layer(self.num_groups, self.group_size, self.eps, x_dtype, w_dtype or "f32",
+                                  has_weight, has_bias, self.use_fast_variance, self.force_float32_reductions)
+            self._layers[key] = layer
+        return layer
+
+    def group(self):
+        """(process group, its size) whose ranks share statistics, or (None, 1)."""
+        pg = self.process_group
+        if pg is None:
+            return None, 1
+        if self.axis_index_groups is None:
+            return pg, dist.get_world_size(pg)
+        if self._subgroup is None:
+            self._subgroup = _subgroup(pg, self.axis_index_groups)
+        return self._subgroup
+
+
+def _subgroup(pg, axis_index_groups):
+    """semantics §7: the subgroup of pg's ranks this rank shares statistics with."""
+    size = dist.get_world_size(pg)
+    groups = [list(map(int, g)) for g in axis_index_groups]
+    flat = sorted(r for g in groups for r in g)
+    if flat != list(range(size)):
+        raise ValueError("axis_index_groups must cover all indices exactly once")
+    me = dist.get_rank(pg)
+    ranks = dist.get_process_group_ranks(pg) if hasattr(dist, "get_process_group_ranks") else None
+    mine = None
+    for g in groups:  # every rank creates every subgroup, in the same order
+        global_ranks = [ranks[r] for r in g] if ranks is not None else g
+        sub = dist.new_group(global_ranks) if len(g) > 1 else None
+        if me in g:
+            mine = (sub, len(g))
+    return mine
+
+
+def _param(t):
+    return _distgn.View(t.data_ptr(), [t.numel()], _dtype_name(t.dtype), "nhwc")
+
+
+class _GroupNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, cfg: _Config):
+        xc, layout, shape, fmt = _layout_of(x.detach())
+        w = weight.detach().contiguous() if weight is not None else None
+        b = bias.detach().contiguous() if bias is not None else None
+        if w is not None and b is not None and w.dtype != b.dtype:
+            b = b.to(w.dtype)
+        pdtype = _dtype_name(w.dtype) if w is not None else (_dtype_name(b.dtype) if b is not None else None)
+        layer = cfg.layer(_dtype_name(xc.dtype), pdtype, w is not None, b is not None)
+        if w is not None:
+            layer.set_scale(_param(w))
+        if b is not None:
+            layer.set_bias(_param(b))
+        mask_owner, mview = _mask_view(mask, xc, layout)
+        xv = _view(xc, layout, shape)
+        pg, ranks = cfg.group()
+        plan = layer.plan(list(shape), layout, _dtype_name(xc.dtype))
+        y = torch.empty(x.shape, dtype=_TORCH_DTYPES[plan.output_dtype], device=x.device, memory_format=fmt)
+        yv = _view(y, layout, shape)
+        state = _distgn.ForwardState()
+        if pg is None:
+            layer.forward(xv, yv, mview, state)
+        else:
+            n = 3 * plan.num_cells
+            mine = torch.empty(n, dtype=torch.float64)
+            layer.forward_partial_stats(xv, mview, mine.data_ptr(), n)
+            gathered = torch.empty(n * ranks, dtype=torch.float64)
+            dist.all_gather_into_tensor(gathered, mine, group=pg)
+            layer.forward_finish(xv, yv, mview, gathered.data_ptr(), ranks, state)
+        ctx.cfg, ctx.layer, ctx.state = cfg, layer, state
+        ctx.layout, ctx.shape, ctx.fmt, ctx.mask_owner = layout, shape, fmt, mask_owner
+        ctx.has_weight, ctx.has_bias = w is not None, b is not None
+        ctx.save_for_backward(xc, w, b)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xc, w, b = ctx.saved_tensors
+        layer, state, layout, shape = ctx.layer, ctx.state, ctx.layout, ctx.shape
+        # The layer may have run another call since: its parameters are this call's again.
+        if w is not None:
+            layer.set_scale(_param(w))
+        if b is not None:
+            layer.set_bias(_param(b))
+        dy = _as_layout(dy, ctx.fmt)
+        if dy.dtype not in _DTYPES:
+            dy = dy.to(xc.dtype)
+        mask_owner = ctx.mask_owner
+        mview = None if mask_owner is None else _distgn.MaskView(mask_owner.data_ptr(), list(mask_owner.shape))
+        xv, dyv = _view(xc, layout, shape), _view(dy, layout, shape)
+        dx = torch.empty(xc.shape, dtype=xc.dtype, device=xc.device, memory_format=ctx.fmt)
+        dxv = _view(dx, layout, shape)
+        pdtype = w.dtype if w is not None else (b.dtype if b is not None else torch.float32)
+        channels = state.plan.channels
+        dw = torch.empty(channels, dtype=pdtype) if ctx.has_weight else None
+        db = torch.empty(channels, dtype=pdtype) if ctx.has_bias else None
+        dwv = _param(dw) if dw is not None else None
+        dbv = _param(db) if db is not None else None
+        pg, ranks = ctx.cfg.group()
+        if pg is None:
+            layer.backward(xv, dyv, mview, state, dxv, dwv, dbv)
+        else:
+            cells = state.plan.num_cells
+            n = 2 * cells + 2 * channels
+            sums = torch.empty(n, dtype=torch.float64)
+            layer.backward_partial_sums(xv, dyv, mview, state, sums.data_ptr(), n)
+            if ctx.cfg.reduce_param_grads:
+                dist.all_reduce(sums, group=pg)
+            else:
+                # One collective: the per-cell sums over the group; the
+                # per-channel ones stay this rank's (DDP reduces them).
+                own = sums[2 * cells:].clone()
+                dist.all_reduce(sums, group=pg)
+                sums[2 * cells:] = own
+            layer.backward_finish(xv, dyv, mview, state, sums.data_ptr(), dxv, dwv, dbv)
+        return dx, dw, db, None, None
+
+
+def _check_channels(x, num_channels):
+    if x.dim() < 2:
+        raise ValueError(f"Expected at least 2 dimensions for input tensor but received {x.dim()}")
+    if num_channels is not None and x.shape[1] != num_channels:
+        raise ValueError(f"Expected {num_channels} channels in the input, got input of shape {tuple(x.shape)}")
+
+
+def group_norm(x, num_groups=32, weight=None, bias=None, eps=1e-5, *, group_size=None, use_fast_variance=True,
+               force_float32_reductions=True, process_group=None, axis_index_groups=None, mask=None,
+               reduce_param_grads=False):
+    """Functional form of GroupNorm (torch.nn.functional.group_norm's arguments first)."""
+    _check_channels(x, None)
+    cfg = _Config(num_groups, group_size, eps, use_fast_variance, force_float32_reductions, process_group,
+                  axis_index_groups, reduce_param_grads)
+    return _GroupNormFunction.apply(x, weight, bias, mask, cfg)
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm's drop-in: same arguments, parameters and state_dict.
+
+    Keywords beyond torch's: ``group_size`` (pass ``num_groups=None`` to use
+    it), ``use_fast_variance``, ``force_float32_reductions`` (Flax's fields),
+    ``process_group`` (a torch.distributed group whose ranks share statistics;
+    default none: a local layer), ``axis_index_groups`` (semantics §7
+    subgroups of that group's ranks) and ``reduce_param_grads`` (weight/bias
+    gradients summed over the group instead of each rank's partial sums).
+    """
+
+    __constants__ = ["num_groups", "num_channels", "eps", "affine"]
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, group_size=None,
+                 use_fast_variance=True, force_float32_reductions=True, process_group=None,
+                 axis_index_groups=None, reduce_param_grads=False, device=None, dtype=None):
+        super().__init__()
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        self.group_size = group_size
+        self.use_fast_variance = use_fast_variance
+        self.force_float32_reductions = force_float32_reductions
+        self.process_group = process_group
+        self.axis_index_groups = axis_index_groups
+        self.reduce_param_grads = reduce_param_grads
+        factory = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
+            self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        # The configuration is checked here (semantics §2 on C alone), as torch does.
+        _distgn.Layer(num_groups, group_size, eps, None, "f32", affine, affine, use_fast_variance,
+                      force_float32_reductions).plan([1, num_channels], "nchw", "f32")
+        self._cfg = _Config(num_groups, group_size, eps, use_fast_variance, force_float32_reductions,
+                            process_group, axis_index_groups, reduce_param_grads)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x, mask=None):
+        _check_channels(x, self.num_channels)
+        return _GroupNormFunction.apply(x, self.weight, self.bias, mask, self._cfg)
+
+    def extra_repr(self):
+        s = "{num_groups}, {num_channels}, eps={eps}, affine={affine}".format(**self.__dict__)
+        if self.group_size is not None:
+            s += f", group_size={self.group_size}"
+        if self.process_group is not None:
+            s += ", process_group=..."
+        return s
