@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, builds, runs every CTest test
-# (unit tests, golden tests, command-line tests and the mpirun tests).
-#   scripts/test.sh [ctest args]              Release build in build/
+# (unit tests, golden tests, command-line tests and the mpirun tests), then
+# the Python tests (tests/python, pytest: distgn.torch against torch, and over
+# gloo), after scripts/setup.sh --python and pip install . into .venv-python.
+#   scripts/test.sh [ctest args]              Release build in build/ (with
+#                                             ctest args, the Python tests only
+#                                             if DISTGN_PYTHON_TESTS=1)
 #   scripts/test.sh --sanitize [ctest args]   ASan+UBSan build in build-sanitize/
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +13,16 @@ if [ "${1:-}" != "--sanitize" ]; then
   scripts/build.sh
   cd build
   ctest --output-on-failure --timeout 600 "$@"
+  cd ..
+  if [ $# -gt 0 ] && [ "${DISTGN_PYTHON_TESTS:-0}" != 1 ]; then exit 0; fi
+  if ! scripts/setup.sh --python; then
+    echo "test.sh: Python tests SKIPPED: torch could not be installed (scripts/setup.sh --python failed)"
+    exit 0
+  fi
+  echo "test.sh: building the Python package (pip install . into .venv-python)"
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc 2>/dev/null || echo 2) \
+    .venv-python/bin/pip install -q --no-build-isolation --force-reinstall --no-deps .
+  .venv-python/bin/python -m pytest -q -p no:cacheprovider -rs tests/python
   exit 0
 fi
 shift
