@@ -38,10 +38,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _layout_of(x: torch.Tensor):
     """(tensor with distgn-usable memory, layout, physical shape, memory format)."""
-    if x.dim() >= 3 and not x.is_contiguous():
-        fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-        if fmt is not None and x.is_contiguous(memory_format=fmt):
-            return x, "nhwc", (x.shape[0], *x.shape[2:], x.shape[1]), fmt
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    # channels last: the format's strides (the channel stride 1), also where
+    # the tensor is contiguous too (empty, or one spatial position).
+    if fmt is not None and x.is_contiguous(memory_format=fmt) and (
+            not x.is_contiguous() or (x.shape[1] > 1 and x.stride(1) == 1)):
+        return x, "nhwc", (x.shape[0], *x.shape[2:], x.shape[1]), fmt
     x = x.contiguous()
     return x, "nchw", tuple(x.shape), torch.contiguous_format
 
@@ -88,7 +90,12 @@ class _Config:
         self.reduce_param_grads = bool(reduce_param_grads)
         self._layers = {}
         self._subgroup = None
-        self._agreed = set()
+        self._exchange = None
+
+    def exchange(self):
+        if self._exchange is None:
+            self._exchange = _Exchange()
+        return self._exchange
 
     def layer(self, x_dtype: str, w_dtype, has_weight: bool, has_bias: bool):
         key = (x_dtype, w_dtype, has_weight, has_bias)
@@ -131,6 +138,87 @@ def _subgroup(pg, axis_index_groups):
     return mine
 
 
+def _collective(name, *args, **kwargs):
+    """torch.distributed's collective `name` (looked up at each call)."""
+    return getattr(dist, name)(*args, **kwargs)
+
+
+def _signature(cfg, plan, x) -> str:
+    """What the ranks of a group must agree on: all but the reduced extents,
+    in x's logical (N, C, ...) order (a rank's memory format and mask are its own)."""
+    dims = ", ".join(str(d) if i < 2 else "*" for i, d in enumerate(x.shape))
+    return (f"x ({dims}), groups {plan.num_groups}, output {plan.output_dtype}, stats {plan.stats_dtype}, "
+            f"epsilon {cfg.eps}, fast variance {cfg.use_fast_variance}, force f32 {cfg.force_float32_reductions}")
+
+
+class _Exchange:
+    """The forward merge over a process group: in the steady state one
+    all_gather of [flag, count/mean/M2 per cell] per rank; when a rank's input
+    is new, invalid or different, an agreement (an all_gather of a fixed-size
+    record per rank: its error or its signature) first, in which all ranks
+    raise the same error or agree, then the gather again."""
+
+    RECORD = 1024
+
+    def __init__(self):
+        self.signature = None
+        self.cells = 0
+
+    def _gather(self, pg, ranks, mine, valid):
+        per_rank = 1 + 3 * self.cells
+        send = torch.zeros(per_rank, dtype=torch.float64)
+        if valid:
+            send[1:] = mine
+        else:
+            send[0] = 1
+        out = torch.empty(ranks * per_rank, dtype=torch.float64)
+        _all_gather(pg, out, send, ranks)
+        out = out.view(ranks, per_rank)
+        return out[:, 1:].contiguous().view(-1), bool((out[:, 0] == 0).all())
+
+    def _agree(self, pg, ranks, error, signature, cells):
+        text = (error or signature).encode()[: self.RECORD - 17]
+        rec = torch.zeros(self.RECORD, dtype=torch.uint8)
+        rec[0] = 0 if error else 1
+        rec[8:16] = torch.tensor([cells], dtype=torch.int64).view(torch.uint8)
+        rec[16:16 + len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+        out = torch.empty(ranks * self.RECORD, dtype=torch.uint8)
+        _all_gather(pg, out, rec, ranks)
+        records = []
+        for r in range(ranks):
+            b = out[r * self.RECORD:(r + 1) * self.RECORD]
+            raw = bytes(b[16:].tolist()).split(b"\0", 1)[0].decode(errors="replace")
+            records.append((bool(b[0].item()), int(b[8:16].clone().view(torch.int64).item()), raw))
+        if error:
+            raise ValueError(error)
+        for r, (valid, _, text) in enumerate(records):
+            if not valid:
+                raise ValueError(f"rank {r} of this rank's group rejected its input: {text}")
+        for r in range(1, ranks):
+            if records[r][1:] != records[0][1:]:
+                raise ValueError("the ranks of a group disagree on what must be shared (only reduced axes may "
+                                 f"differ): rank 0 has {records[0][2]}; rank {r} has {records[r][2]}")
+        self.signature, self.cells = signature, cells
+
+    def merge(self, pg, ranks, error, signature, mine):
+        """The gathered count/mean/M2 of every rank, concatenated in rank order."""
+        unchanged = self.signature is not None and not error and signature == self.signature
+        if self.signature is not None:
+            gathered, ok = self._gather(pg, ranks, mine, unchanged)
+            if ok:
+                return gathered
+        self._agree(pg, ranks, error, signature, 0 if mine is None else mine.numel() // 3)
+        return self._gather(pg, ranks, mine, True)[0]
+
+
+def _all_gather(pg, out, send, ranks):
+    """One all_gather of `send` from every rank into `out`, in rank order."""
+    if dist.get_backend(pg) == "gloo":  # gloo has no all_gather_into_tensor (torch 1.13)
+        _collective("all_gather", list(out.view(ranks, -1).unbind(0)), send, group=pg)
+    else:
+        _collective("all_gather_into_tensor", out, send, group=pg)
+
+
 def _param(t):
     return _distgn.View(t.data_ptr(), [t.numel()], _dtype_name(t.dtype), "nhwc")
 
@@ -152,19 +240,25 @@ class _GroupNormFunction(torch.autograd.Function):
         mask_owner, mview = _mask_view(mask, xc, layout)
         xv = _view(xc, layout, shape)
         pg, ranks = cfg.group()
-        plan = layer.plan(list(shape), layout, _dtype_name(xc.dtype))
-        y = torch.empty(x.shape, dtype=_TORCH_DTYPES[plan.output_dtype], device=x.device, memory_format=fmt)
-        yv = _view(y, layout, shape)
         state = _distgn.ForwardState()
         if pg is None:
-            layer.forward(xv, yv, mview, state)
+            plan = layer.plan(list(shape), layout, _dtype_name(xc.dtype))
+            y = torch.empty(x.shape, dtype=_TORCH_DTYPES[plan.output_dtype], device=x.device, memory_format=fmt)
+            layer.forward(xv, _view(y, layout, shape), mview, state)
         else:
-            n = 3 * plan.num_cells
-            mine = torch.empty(n, dtype=torch.float64)
-            layer.forward_partial_stats(xv, mview, mine.data_ptr(), n)
-            gathered = torch.empty(n * ranks, dtype=torch.float64)
-            dist.all_gather_into_tensor(gathered, mine, group=pg)
-            layer.forward_finish(xv, yv, mview, gathered.data_ptr(), ranks, state)
+            # A rank whose call is invalid still takes part in the collective
+            # (flagging it), so that every rank of the group raises.
+            error, signature, mine = "", "", None
+            try:
+                plan = layer.plan(list(shape), layout, _dtype_name(xc.dtype))
+                signature = _signature(cfg, plan, x)
+                mine = torch.empty(3 * plan.num_cells, dtype=torch.float64)
+                layer.forward_partial_stats(xv, mview, mine.data_ptr(), mine.numel())
+            except ValueError as e:
+                error = str(e)
+            gathered = cfg.exchange().merge(pg, ranks, error, signature, mine)
+            y = torch.empty(x.shape, dtype=_TORCH_DTYPES[plan.output_dtype], device=x.device, memory_format=fmt)
+            layer.forward_finish(xv, _view(y, layout, shape), mview, gathered.data_ptr(), ranks, state)
         ctx.cfg, ctx.layer, ctx.state = cfg, layer, state
         ctx.layout, ctx.shape, ctx.fmt, ctx.mask_owner = layout, shape, fmt, mask_owner
         ctx.has_weight, ctx.has_bias = w is not None, b is not None
@@ -200,15 +294,25 @@ class _GroupNormFunction(torch.autograd.Function):
         else:
             cells = state.plan.num_cells
             n = 2 * cells + 2 * channels
-            sums = torch.empty(n, dtype=torch.float64)
-            layer.backward_partial_sums(xv, dyv, mview, state, sums.data_ptr(), n)
-            if ctx.cfg.reduce_param_grads:
-                dist.all_reduce(sums, group=pg)
-            else:
-                # One collective: the per-cell sums over the group; the
-                # per-channel ones stay this rank's (DDP reduces them).
-                own = sums[2 * cells:].clone()
-                dist.all_reduce(sums, group=pg)
+            # [flag, A and B per cell, dbias and dscale per channel]: one
+            # all_reduce; a rank that cannot make its sums flags it, and
+            # every rank raises.
+            payload = torch.zeros(1 + n, dtype=torch.float64)
+            error = ""
+            try:
+                layer.backward_partial_sums(xv, dyv, mview, state, payload[1:].data_ptr(), n)
+            except ValueError as e:
+                error = str(e)
+                payload.zero_()
+                payload[0] = 1
+            own = None if ctx.cfg.reduce_param_grads else payload[1 + 2 * cells:].clone()
+            _collective("all_reduce", payload, group=pg)
+            if error:
+                raise ValueError(error)
+            if payload[0].item() != 0:
+                raise ValueError(f"{int(payload[0].item())} rank(s) of this rank's group rejected their backward input")
+            sums = payload[1:].clone()
+            if own is not None:  # the per-channel sums stay this rank's (DDP reduces them)
                 sums[2 * cells:] = own
             layer.backward_finish(xv, dyv, mview, state, sums.data_ptr(), dxv, dwv, dbv)
         return dx, dw, db, None, None
