@@ -96,6 +96,23 @@ def scenario_sharded_equals_single(rank, log):
                 log.append(f"{dtype} {fmt} shards {sizes}: max error {max(errors):.2e}")
 
 
+def scenario_half_dtypes(rank, log):
+    """float16 / bfloat16 shards: within a unit in the last place of the single-process run."""
+    for dtype, ulp in [(torch.float16, 2.0 ** -10), (torch.bfloat16, 2.0 ** -7)]:
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            sizes = [2, 3, 0, 3]
+            g = torch.Generator().manual_seed(13)
+            x = torch.randn(2, 8, sum(sizes), 4, generator=g).to(dtype)
+            dy = torch.randn(x.shape, generator=g).to(dtype)
+            w = (torch.rand(8, generator=g) + 0.5).to(dtype)
+            b = torch.rand(8, generator=g).to(dtype)
+            ref, got = single_and_sharded(rank, x, sizes, 2, w, b, dy, fmt)
+            errors = [rel_err(got[0], ref[0]), rel_err(got[1], ref[1])] if sizes[rank] else [0.0, 0.0]
+            assert got[0].dtype == dtype and got[1].dtype == dtype
+            assert max(errors) < 2 * ulp, (dtype, fmt, errors)
+    log.append("float16, bfloat16 shards: ok")
+
+
 def scenario_masked_and_reduced_param_grads(rank, log):
     g = torch.Generator().manual_seed(11)
     sizes = [2, 4, 0, 3]
@@ -243,7 +260,7 @@ def scenario_disagreeing_ranks_raise_everywhere(rank, log):
     log.append("disagreeing and invalid ranks: every rank raises")
 
 
-SCENARIOS = [scenario_sharded_equals_single, scenario_masked_and_reduced_param_grads,
+SCENARIOS = [scenario_sharded_equals_single, scenario_half_dtypes, scenario_masked_and_reduced_param_grads,
              scenario_one_collective_per_call, scenario_gradcheck_sharded, scenario_subgroups,
              scenario_disagreeing_ranks_raise_everywhere]
 
