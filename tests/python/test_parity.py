@@ -248,3 +248,22 @@ def test_state_dict_round_trip_with_torch():
     assert torch.equal(back.weight, ref.weight) and torch.equal(back.bias, ref.bias)
     assert isinstance(layer.weight, nn.Parameter) and layer.eps == 1e-5 and layer.affine
     assert dgn.GroupNorm(4, 8, affine=False).state_dict() == {}
+
+
+def test_parameters_changed_in_place_are_used():
+    """The layer reads weight and bias again after an optimizer step or load_state_dict."""
+    torch.manual_seed(10)
+    layer, ref = dgn.GroupNorm(2, 4), nn.GroupNorm(2, 4)
+    opt = torch.optim.SGD(list(layer.parameters()) + list(ref.parameters()), lr=0.5)
+    x = torch.randn(3, 4, 5)
+    for _ in range(3):
+        opt.zero_grad()
+        (layer(x) * x).sum().backward()
+        (ref(x) * x).sum().backward()
+        opt.step()
+        assert rel_err(layer(x), ref(x)) < 1e-5
+    other = nn.GroupNorm(2, 4)
+    with torch.no_grad():
+        other.weight.uniform_()
+    layer.load_state_dict(other.state_dict())
+    assert rel_err(layer(x), other(x)) < 1e-5

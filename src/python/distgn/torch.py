@@ -91,6 +91,8 @@ class _Config:
         self._layers = {}
         self._subgroup = None
         self._exchange = None
+        self._plans = {}
+        self._loaded = {}
 
     def exchange(self):
         if self._exchange is None:
@@ -107,6 +109,31 @@ class _Config:
                                   has_weight, has_bias, self.use_fast_variance, self.force_float32_reductions)
             self._layers[key] = layer
         return layer
+
+    def plan(self, layer, shape, layout, dtype):
+        """layer.plan, resolved once per input shape (it validates: semantics §2)."""
+        key = (id(layer), tuple(shape), layout, dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = layer.plan(list(shape), layout, dtype)
+            if len(self._plans) > 64:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def load_parameters(self, layer, w, b):
+        """The layer's weight and bias from these tensors, copied (C values)
+        only when they are other memory or have changed since (the cache
+        holds the tensors, so their memory cannot be reused meanwhile)."""
+        key = tuple((t.data_ptr(), t._version, t.numel(), t.dtype) if t is not None else None for t in (w, b))
+        cached = self._loaded.get(id(layer))
+        if cached is not None and cached[0] == key:
+            return
+        if w is not None:
+            layer.set_scale(_param(w))
+        if b is not None:
+            layer.set_bias(_param(b))
+        self._loaded[id(layer)] = (key, (w, b))
 
     def group(self):
         """(process group, its size) whose ranks share statistics, or (None, 1)."""
@@ -233,16 +260,13 @@ class _GroupNormFunction(torch.autograd.Function):
             b = b.to(w.dtype)
         pdtype = _dtype_name(w.dtype) if w is not None else (_dtype_name(b.dtype) if b is not None else None)
         layer = cfg.layer(_dtype_name(xc.dtype), pdtype, w is not None, b is not None)
-        if w is not None:
-            layer.set_scale(_param(w))
-        if b is not None:
-            layer.set_bias(_param(b))
+        cfg.load_parameters(layer, w, b)
         mask_owner, mview = _mask_view(mask, xc, layout)
         xv = _view(xc, layout, shape)
         pg, ranks = cfg.group()
         state = _distgn.ForwardState()
         if pg is None:
-            plan = layer.plan(list(shape), layout, _dtype_name(xc.dtype))
+            plan = cfg.plan(layer, shape, layout, _dtype_name(xc.dtype))
             y = torch.empty(x.shape, dtype=_TORCH_DTYPES[plan.output_dtype], device=x.device, memory_format=fmt)
             layer.forward(xv, _view(y, layout, shape), mview, state)
         else:
@@ -250,7 +274,7 @@ class _GroupNormFunction(torch.autograd.Function):
             # (flagging it), so that every rank of the group raises.
             error, signature, mine = "", "", None
             try:
-                plan = layer.plan(list(shape), layout, _dtype_name(xc.dtype))
+                plan = cfg.plan(layer, shape, layout, _dtype_name(xc.dtype))
                 signature = _signature(cfg, plan, x)
                 mine = torch.empty(3 * plan.num_cells, dtype=torch.float64)
                 layer.forward_partial_stats(xv, mview, mine.data_ptr(), mine.numel())
@@ -270,10 +294,7 @@ class _GroupNormFunction(torch.autograd.Function):
         xc, w, b = ctx.saved_tensors
         layer, state, layout, shape = ctx.layer, ctx.state, ctx.layout, ctx.shape
         # The layer may have run another call since: its parameters are this call's again.
-        if w is not None:
-            layer.set_scale(_param(w))
-        if b is not None:
-            layer.set_bias(_param(b))
+        ctx.cfg.load_parameters(layer, w, b)
         dy = _as_layout(dy, ctx.fmt)
         if dy.dtype not in _DTYPES:
             dy = dy.to(xc.dtype)
