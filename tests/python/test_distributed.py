@@ -260,9 +260,39 @@ def scenario_disagreeing_ranks_raise_everywhere(rank, log):
     log.append("disagreeing and invalid ranks: every rank raises")
 
 
+def scenario_ddp_with_spatial_shards(rank, log):
+    """DDP over 2 replicas x 2 spatial shards: ranks {0, 1} and {2, 3} each hold
+    one replica's batch split along H, every GroupNorm shares statistics over
+    its replica's ranks (axis_index_groups), DDP averages the parameter
+    gradients (each rank's partial sums) over all 4. The result is the
+    single-process gradient of the whole batch's loss, over 4."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def model(**kw):
+        torch.manual_seed(30)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), dgn.GroupNorm(4, 8, **kw), torch.nn.SiLU(),
+                                   torch.nn.Conv2d(8, 8, 1), dgn.GroupNorm(2, 8, **kw)).double()
+
+    g = torch.Generator().manual_seed(31)
+    batch = torch.randn(4, 3, 6, 5, generator=g, dtype=torch.float64)  # replica r: samples 2r, 2r + 1
+    weights = torch.randn(4, 8, 6, 5, generator=g, dtype=torch.float64)
+    replica, shard = rank // 2, rank % 2
+    rows = slice(0, 2) if shard == 0 else slice(2, 6)
+    ddp = DDP(model(process_group=dist.group.WORLD, axis_index_groups=[[0, 1], [2, 3]]))
+    x = batch[2 * replica:2 * replica + 2, :, rows]
+    loss = (ddp(x) * weights[2 * replica:2 * replica + 2, :, rows]).sum()
+    loss.backward()
+    ref = model()
+    (ref(batch) * weights).sum().backward()
+    errors = [rel_err(p.grad, q.grad / 4) for p, q in zip(ddp.module.parameters(), ref.parameters())]
+    assert max(errors) < 1e-12, errors
+    log.append(f"DDP 2 replicas x 2 spatial shards: gradients equal the single process's, max error "
+               f"{max(errors):.1e}")
+
+
 SCENARIOS = [scenario_sharded_equals_single, scenario_half_dtypes, scenario_masked_and_reduced_param_grads,
              scenario_one_collective_per_call, scenario_gradcheck_sharded, scenario_subgroups,
-             scenario_disagreeing_ranks_raise_everywhere]
+             scenario_disagreeing_ranks_raise_everywhere, scenario_ddp_with_spatial_shards]
 
 
 def _worker(rank, port, out_dir, names):

@@ -147,6 +147,9 @@ class _Config:
         return self._subgroup
 
 
+_SUBGROUPS = {}  # (process group, groups) -> (this rank's subgroup, its size): one new_group each
+
+
 def _subgroup(pg, axis_index_groups):
     """semantics §7: the subgroup of pg's ranks this rank shares statistics with."""
     size = dist.get_world_size(pg)
@@ -154,8 +157,23 @@ def _subgroup(pg, axis_index_groups):
     flat = sorted(r for g in groups for r in g)
     if flat != list(range(size)):
         raise ValueError("axis_index_groups must cover all indices exactly once")
+    key = (pg, tuple(tuple(g) for g in groups))
+    if key not in _SUBGROUPS:
+        _SUBGROUPS[key] = _new_subgroups(pg, groups)
+    return _SUBGROUPS[key]
+
+
+def _new_subgroups(pg, groups):
+    """torch.distributed.new_group for each group (which every rank of the
+    default group must call, in the same order: the layer's first call)."""
     me = dist.get_rank(pg)
-    ranks = dist.get_process_group_ranks(pg) if hasattr(dist, "get_process_group_ranks") else None
+    if hasattr(dist, "get_process_group_ranks"):
+        ranks = dist.get_process_group_ranks(pg)
+    elif pg is None or pg is dist.group.WORLD:
+        ranks = None
+    else:  # torch 1.13: the group's global ranks, in group-rank order
+        mapping = dist.distributed_c10d._pg_group_ranks[pg]
+        ranks = [g for g, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
     mine = None
     for g in groups:  # every rank creates every subgroup, in the same order
         global_ranks = [ranks[r] for r in g] if ranks is not None else g
