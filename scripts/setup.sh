@@ -7,7 +7,7 @@
 #   scripts/setup.sh --fuzz    also clang++ with libFuzzer and the sanitizer
 #                              runtimes, and clang's OpenMP, for scripts/fuzz.sh
 #                              (the CTest fuzz tests; .ci/run passes it)
-#   scripts/setup.sh --python  also Debian's torch and pytest, and the venv
+#   scripts/setup.sh --python  also Debian's torch, pytest and mpi4py, and the venv
 #                              .venv-python (system site packages, so it sees
 #                              that torch) with the pinned build tools of
 #                              pyproject.toml; scripts/test.sh installs distgn
@@ -21,7 +21,7 @@ case "${1:-}" in
   # The unversioned names follow Debian's default clang (14 on bookworm);
   # libclang-rt-dev holds libFuzzer, which the clang package does not.
   --fuzz) packages+=(clang libclang-rt-dev libomp-dev) ;;
-  --python) packages+=(python3-torch python3-pytest python3-numpy python3-venv python3-dev python3-pip) ;;
+  --python) packages+=(python3-torch python3-pytest python3-numpy python3-venv python3-dev python3-pip python3-mpi4py) ;;
 esac
 missing=()
 for p in "${packages[@]}"; do

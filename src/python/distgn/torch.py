@@ -141,7 +141,7 @@ class _Config:
         if pg is None:
             return None, 1
         if self.axis_index_groups is None:
-            return pg, dist.get_world_size(pg)
+            return pg, (pg.Get_size() if _is_mpi(pg) else dist.get_world_size(pg))
         if self._subgroup is None:
             self._subgroup = _subgroup(pg, self.axis_index_groups)
         return self._subgroup
@@ -152,7 +152,7 @@ _SUBGROUPS = {}  # (process group, groups) -> (this rank's subgroup, its size): 
 
 def _subgroup(pg, axis_index_groups):
     """semantics §7: the subgroup of pg's ranks this rank shares statistics with."""
-    size = dist.get_world_size(pg)
+    size = pg.Get_size() if _is_mpi(pg) else dist.get_world_size(pg)
     groups = [list(map(int, g)) for g in axis_index_groups]
     flat = sorted(r for g in groups for r in g)
     if flat != list(range(size)):
@@ -164,6 +164,15 @@ def _subgroup(pg, axis_index_groups):
 
 
 def _new_subgroups(pg, groups):
+    if _is_mpi(pg):  # one Split of the communicator, in the groups' order
+        me = pg.Get_rank()
+        color = next(i for i, g in enumerate(groups) if me in g)
+        sub = pg.Split(color, groups[color].index(me))
+        return (sub, len(groups[color])) if len(groups[color]) > 1 else (None, 1)
+    return _new_torch_subgroups(pg, groups)
+
+
+def _new_torch_subgroups(pg, groups):
     """torch.distributed.new_group for each group (which every rank of the
     default group must call, in the same order: the layer's first call)."""
     me = dist.get_rank(pg)
@@ -256,9 +265,16 @@ class _Exchange:
         return self._gather(pg, ranks, mine, True)[0]
 
 
+def _is_mpi(pg) -> bool:
+    """An mpi4py communicator (or anything with its Allgather / Allreduce)."""
+    return hasattr(pg, "Allgather") and hasattr(pg, "Allreduce")
+
+
 def _all_gather(pg, out, send, ranks):
     """One all_gather of `send` from every rank into `out`, in rank order."""
-    if dist.get_backend(pg) == "gloo":  # gloo has no all_gather_into_tensor (torch 1.13)
+    if _is_mpi(pg):
+        pg.Allgather(send.numpy(), out.numpy())
+    elif dist.get_backend(pg) == "gloo":  # gloo has no all_gather_into_tensor (torch 1.13)
         _collective("all_gather", list(out.view(ranks, -1).unbind(0)), send, group=pg)
     else:
         _collective("all_gather_into_tensor", out, send, group=pg)
@@ -345,7 +361,11 @@ class _GroupNormFunction(torch.autograd.Function):
                 payload.zero_()
                 payload[0] = 1
             own = None if ctx.cfg.reduce_param_grads else payload[1 + 2 * cells:].clone()
-            _collective("all_reduce", payload, group=pg)
+            if _is_mpi(pg):
+                from mpi4py import MPI
+                pg.Allreduce(MPI.IN_PLACE, payload.numpy())
+            else:
+                _collective("all_reduce", payload, group=pg)
             if error:
                 raise ValueError(error)
             if payload[0].item() != 0:
@@ -380,7 +400,8 @@ class GroupNorm(nn.Module):
     Keywords beyond torch's: ``group_size`` (pass ``num_groups=None`` to use
     it), ``use_fast_variance``, ``force_float32_reductions`` (Flax's fields),
     ``process_group`` (a torch.distributed group whose ranks share statistics;
-    default none: a local layer), ``axis_index_groups`` (semantics §7
+    default none: a local layer; an mpi4py communicator instead, for ranks
+    under mpirun without torch.distributed), ``axis_index_groups`` (semantics §7
     subgroups of that group's ranks) and ``reduce_param_grads`` (weight/bias
     gradients summed over the group instead of each rank's partial sums).
     """
