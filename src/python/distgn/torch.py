@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from . import _distgn
 
@@ -324,6 +325,7 @@ class _GroupNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # distgn's backward is not itself differentiable
     def backward(ctx, dy):
         xc, w, b = ctx.saved_tensors
         layer, state, layout, shape = ctx.layer, ctx.state, ctx.layout, ctx.shape
