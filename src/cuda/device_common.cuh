@@ -293,9 +293,17 @@ __device__ __forceinline__ void write_cell_state(const CellStateView& s, int64_t
 }
 
 // Arrival counting for "the last block (or warp) of a group finishes the
-// group": call after the partials are written by the calling thread(s).
-// Returns true in the one caller that arrives last and resets the counter
-// for the next launch.
+// group", with its fences: the unit's partials are visible before it
+// arrives, and the last unit reads everyone's after it saw them all arrive.
+// Every thread of the unit calls last_arrival once the unit's partials are
+// written, all but what write() stores: the arriving thread (the block's
+// thread 0, or the warp's lane 0) calls it just before it arrives.
+// Arrival::block synchronises the block. True in every thread of the unit
+// that arrives last, which also resets the counter (`expected` units per
+// launch) for the next launch.
+enum class Arrival { block, warp };
+
+// The arrival itself, by the arriving thread.
 __device__ __forceinline__ bool arrive_last(unsigned* counter, unsigned expected) {
   __threadfence();
   const unsigned before = atomicAdd(counter, 1u);
@@ -305,6 +313,36 @@ __device__ __forceinline__ bool arrive_last(unsigned* counter, unsigned expected
     __threadfence();
   }
   return last;
+}
+
+template <Arrival UNIT, class Write>
+__device__ __forceinline__ bool last_arrival(unsigned* counter, unsigned expected, Write write) {
+  int last = 0;
+  if constexpr (UNIT == Arrival::block) {
+    __shared__ int last_block;
+    __threadfence();  // every writer's partials, before the block's arrival
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      write();
+      last_block = arrive_last(counter, expected);
+    }
+    __syncthreads();
+    last = last_block;
+  } else {
+    if (threadIdx.x % kWarp == 0) {
+      write();
+      last = arrive_last(counter, expected) ? 1 : 0;
+    }
+    last = __shfl_sync(kFullMask, last, 0);
+  }
+  if (!last) return false;
+  __threadfence();  // every reader, after the arrival that saw all others
+  return true;
+}
+
+template <Arrival UNIT>
+__device__ __forceinline__ bool last_arrival(unsigned* counter, unsigned expected) {
+  return last_arrival<UNIT>(counter, expected, [] {});
 }
 
 __device__ __forceinline__ bool is_finite(float v) { return isfinite(v); }

@@ -39,7 +39,6 @@ __global__ void __launch_bounds__(kMaxBlockThreads) rows_stats_kernel(R x, RowsS
   double* col_sq = smem + g.tile_cols;
   double* col_count = smem + 2 * g.tile_cols;
   unsigned long long* first_valid = reinterpret_cast<unsigned long long*>(smem + 3 * g.tile_cols);
-  __shared__ int last_block;
 
   const RowsThread t = rows_thread(g, blockIdx.x, threadIdx.x, a.first_slab);
   const RowsGeometry::Block blk = g.block(blockIdx.x);
@@ -169,12 +168,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) rows_stats_kernel(R x, RowsS
       a.partials[int64_t(blockIdx.x) * g.slots + s] = moments_from_shifted_sums(n, double(cell_shift(s)), su, sq);
   }
 
-  __threadfence();  // every writer's partials, before the block's arrival
-  __syncthreads();
-  if (tid == 0) last_block = arrive_last(a.counters + blk.slab, unsigned(g.blocks_per_slab()));
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();  // every reader, after the arrival that saw all others
+  if (!last_arrival<Arrival::block>(a.counters + blk.slab, unsigned(g.blocks_per_slab()))) return;
   for (int64_t q = warp; q < g.cells_per_row; q += warps) {
     CellMoments m{0, 0, 0};
     const int64_t n = g.partials_per_cell(q);
@@ -240,7 +234,6 @@ __global__ void __launch_bounds__(kMaxBlockThreads) rows_sums_kernel(R x, RD dy,
   extern __shared__ double smem[];
   double* col_dy = smem;
   double* col_dx = smem + g.tile_cols;
-  __shared__ int last_block;
 
   const RowsThread t = rows_thread(g, blockIdx.x, threadIdx.x, a.first_slab);
   const RowsGeometry::Block blk = g.block(blockIdx.x);
@@ -316,12 +309,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) rows_sums_kernel(R x, RD dy,
     if (lane == 0) a.block_cells[int64_t(blockIdx.x) * g.slots + s] = SumPair{A, B};
   }
 
-  __threadfence();  // every writer's partials, before the block's arrival
-  __syncthreads();
-  if (tid == 0) last_block = arrive_last(a.counters + blk.slab, unsigned(g.blocks_per_slab()));
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();  // every reader, after the arrival that saw all others
+  if (!last_arrival<Arrival::block>(a.counters + blk.slab, unsigned(g.blocks_per_slab()))) return;
   for (int64_t q = warp; q < g.cells_per_row; q += warps) {
     double A = 0, B = 0;
     const int64_t n = g.partials_per_cell(q);
@@ -487,14 +475,8 @@ __global__ void __launch_bounds__(kItemWarps * kWarp) cells_stats_kernel(R x, Ce
   sum = warp_sum(sum);
   sum_sq = warp_sum(sum_sq);
   count = warp_sum(count);
-  int last = 0;
-  if (lane == 0) {
-    a.partials[item] = moments_from_shifted_sums(count, double(shift), sum, sum_sq);
-    last = arrive_last(a.counters + it.cell, unsigned(g.items_per_cell())) ? 1 : 0;
-  }
-  last = __shfl_sync(kFullMask, last, 0);
-  if (!last) return;
-  __threadfence();  // every reading lane, after lane 0 saw all other items arrive
+  const auto write_partial = [&] { a.partials[item] = moments_from_shifted_sums(count, double(shift), sum, sum_sq); };
+  if (!last_arrival<Arrival::warp>(a.counters + it.cell, unsigned(g.items_per_cell()), write_partial)) return;
   const int64_t n = g.items_per_cell(), first = it.cell * n;
   CellMoments m{0, 0, 0};
   for (int64_t i = lane; i < n; i += kWarp) m = merge_moments(m, load_partial(a.partials + first + i));
@@ -599,14 +581,8 @@ __global__ void __launch_bounds__(kItemWarps * kWarp) cells_sums_kernel(R x, RD 
   }
   sum_dy = warp_sum(sum_dy);
   sum_dyx = warp_sum(sum_dyx);
-  int last = 0;
-  if (lane == 0) {
-    a.items[item] = SumPair{sum_dy, sum_dyx};
-    last = arrive_last(a.counters + it.cell, unsigned(g.items_per_cell())) ? 1 : 0;
-  }
-  last = __shfl_sync(kFullMask, last, 0);
-  if (!last) return;
-  __threadfence();  // every reading lane, after lane 0 saw all other items arrive
+  const auto write_partial = [&] { a.items[item] = SumPair{sum_dy, sum_dyx}; };
+  if (!last_arrival<Arrival::warp>(a.counters + it.cell, unsigned(g.items_per_cell()), write_partial)) return;
   const int64_t n = g.items_per_cell(), first = it.cell * n;
   const int64_t channel0 = (cell % in.c.groups) * g.segments;
   double A = 0, B = 0;
