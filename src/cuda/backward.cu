@@ -2,8 +2,6 @@
 // and the input gradient. Typed and vectorised where dy has x's dtype (or
 // float32) with float32 arithmetic, or everything is float64; every other
 // combination generic.
-#include <type_traits>
-
 #include "cuda/cuda_check.hpp"
 #include "cuda/kernels.cuh"
 
@@ -11,41 +9,20 @@ namespace distgn {
 namespace cuda {
 namespace {
 
-template <class T, class D, class C>
-constexpr bool typed_backward() {
-  if constexpr (std::is_same_v<C, float>)
-    return !std::is_same_v<T, double> && (std::is_same_v<D, T> || std::is_same_v<D, float>);
-  else
-    return std::is_same_v<T, double> && std::is_same_v<D, double>;
-}
+struct BackwardTypes {
+  template <class T, class D, class C>
+  static constexpr bool typed() {
+    if constexpr (std::is_same_v<C, float>)
+      return !std::is_same_v<T, double> && (std::is_same_v<D, T> || std::is_same_v<D, float>);
+    else
+      return std::is_same_v<T, double> && std::is_same_v<D, double>;
+  }
+};
 
 // f(x tag, dy tag, compute tag); AnyDType tags for the generic kernels.
 template <class F>
 void with_backward_types(const BackwardInputs& in, int vec, const char* what, F&& f) {
-  if (vec == 1) {
-    with_compute_type(in.compute, [&](auto c) { f(AnyDType{}, AnyDType{}, c); });
-    return;
-  }
-  bool launched = false;
-  with_storage_type(in.x_dtype, [&](auto t) {
-    with_storage_type(in.dy_dtype, [&](auto d) {
-      with_compute_type(in.compute, [&](auto c) {
-        using T = decltype(t);
-        using D = decltype(d);
-        using C = decltype(c);
-        if constexpr (typed_backward<T, D, C>()) {
-          if (vec != full_vec_of<T>())
-            throw Error(std::string("CUDA ") + what + ": vector width " + std::to_string(vec) +
-                        " does not suit " + dtype_name(in.x_dtype));
-          f(t, d, c);
-          launched = true;
-        }
-      });
-    });
-  });
-  if (!launched)
-    throw Error(std::string("CUDA ") + what + ": no vectorised kernel for x " + dtype_name(in.x_dtype) +
-                ", dy " + dtype_name(in.dy_dtype) + " (the caller must choose vec 1)");
+  with_kernel_types<BackwardTypes>(what, vec, in.x_dtype, in.dy_dtype, in.compute, f);
 }
 
 constexpr int kChannelWarps = 8;
@@ -99,10 +76,7 @@ __global__ void cells_channel_kernel(CellsGeometry g, int64_t first_cell, int64_
 
 }  // namespace
 
-bool backward_has_typed(DType x, DType dy, DType compute) {
-  if (compute == DType::f32) return x != DType::f64 && (dy == x || dy == DType::f32);
-  return x == DType::f64 && dy == DType::f64;
-}
+bool backward_has_typed(DType x, DType dy, DType compute) { return has_typed<BackwardTypes>(x, dy, compute); }
 
 void rows_sums(Stream stream, const RowsSumsArgs& a) {
   const unsigned blocks = grid_size(a.g.blocks(), "rows_sums");

@@ -17,6 +17,9 @@
 //    the reduction read last (still in L2) is read first.
 #pragma once
 
+#include <string>
+#include <type_traits>
+
 #include "core/dtype_dispatch.hpp"
 #include "cuda/device_common.cuh"
 
@@ -681,6 +684,49 @@ template <class T, int VEC>
 auto writer(void* p, DType dtype) {
   if constexpr (std::is_same_v<T, AnyDType>) return Writer<AnyDType, 1>{p, dtype};
   else return Writer<T, VEC>{static_cast<T*>(p)};
+}
+
+// The one dtype dispatch of the kernel families: f(t, u, c), the tags of
+// x's storage type T, of a second array's U (y, dy) and of the compute type
+// C. With vec 1, AnyDType tags: the generic kernels, any dtypes. Otherwise
+// the typed, vectorised kernels, which exist where Rule::typed<T, U, C>()
+// holds and take vec = 16 bytes of T.
+template <class F>
+void with_dtypes(DType x, DType other, DType compute, F&& f) {
+  with_storage_type(x, [&](auto t) {
+    with_storage_type(other, [&](auto u) { with_compute_type(compute, [&](auto c) { f(t, u, c); }); });
+  });
+}
+
+template <class Rule>
+bool has_typed(DType x, DType other, DType compute) {
+  bool typed = false;
+  with_dtypes(x, other, compute, [&](auto t, auto u, auto c) {
+    typed = Rule::template typed<decltype(t), decltype(u), decltype(c)>();
+  });
+  return typed;
+}
+
+template <class Rule, class F>
+void with_kernel_types(const char* what, int vec, DType x, DType other, DType compute, F&& f) {
+  if (vec == 1) {
+    with_compute_type(compute, [&](auto c) { f(AnyDType{}, AnyDType{}, c); });
+    return;
+  }
+  bool launched = false;
+  with_dtypes(x, other, compute, [&](auto t, auto u, auto c) {
+    using T = decltype(t);
+    if constexpr (Rule::template typed<T, decltype(u), decltype(c)>()) {
+      if (vec != full_vec_of<T>())
+        throw Error(std::string("CUDA ") + what + ": vector width " + std::to_string(vec) + " does not suit " +
+                    dtype_name(x) + " (1 or " + std::to_string(full_vec_of<T>()) + ")");
+      f(t, u, c);
+      launched = true;
+    }
+  });
+  if (!launched)
+    throw Error(std::string("CUDA ") + what + ": no vectorised kernel for " + dtype_name(x) + " with " +
+                dtype_name(other) + " and " + dtype_name(compute) + " arithmetic (the caller must choose vec 1)");
 }
 
 }  // namespace cuda

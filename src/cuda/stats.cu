@@ -1,5 +1,5 @@
-// Statistics kernels: dispatch on the input dtype (typed and vectorised, or
-// generic with vec 1) and on the mask.
+// Statistics kernels: dispatch on the input dtype (typed and vectorised for
+// every dtype, or generic with vec 1) and on the mask.
 #include "cuda/cuda_check.hpp"
 #include "cuda/kernels.cuh"
 
@@ -31,28 +31,28 @@ void launch_cells_stats(Stream stream, R x, const CellsStatsArgs& a) {
   DISTGN_CUDA_CHECK_LAUNCH("cells_stats_kernel");
 }
 
-void bad_vec(int vec, DType dtype) {
-  throw Error("CUDA statistics: vector width " + std::to_string(vec) + " does not suit dtype " +
-              dtype_name(dtype) + " (1 or " + std::to_string(full_vec(dtype)) + ")");
-}
+// Statistics read x alone (their sums are in x's wide type): typed for
+// every storage type, dispatched with x's dtype twice and float compute.
+struct StatsTypes {
+  template <class T, class U, class C>
+  static constexpr bool typed() {
+    return std::is_same_v<T, U> && std::is_same_v<C, float>;
+  }
+};
 
 }  // namespace
 
 void rows_stats(Stream stream, const RowsStatsArgs& a) {
-  if (a.g.vec == 1) return launch_rows_stats(stream, Reader<AnyDType, 1>{a.x, a.x_dtype}, a);
-  with_storage_type(a.x_dtype, [&](auto tag) {
-    using T = decltype(tag);
-    if (a.g.vec != full_vec_of<T>()) bad_vec(a.g.vec, a.x_dtype);
-    launch_rows_stats(stream, Reader<T, full_vec_of<T>()>{static_cast<const T*>(a.x)}, a);
+  with_kernel_types<StatsTypes>("statistics", a.g.vec, a.x_dtype, a.x_dtype, DType::f32, [&](auto t, auto, auto) {
+    using T = decltype(t);
+    launch_rows_stats(stream, reader<T, vec_of<T>()>(a.x, a.x_dtype), a);
   });
 }
 
 void cells_stats(Stream stream, const CellsStatsArgs& a) {
-  if (a.g.vec == 1) return launch_cells_stats(stream, Reader<AnyDType, 1>{a.x, a.x_dtype}, a);
-  with_storage_type(a.x_dtype, [&](auto tag) {
-    using T = decltype(tag);
-    if (a.g.vec != full_vec_of<T>()) bad_vec(a.g.vec, a.x_dtype);
-    launch_cells_stats(stream, Reader<T, full_vec_of<T>()>{static_cast<const T*>(a.x)}, a);
+  with_kernel_types<StatsTypes>("statistics", a.g.vec, a.x_dtype, a.x_dtype, DType::f32, [&](auto t, auto, auto) {
+    using T = decltype(t);
+    launch_cells_stats(stream, reader<T, vec_of<T>()>(a.x, a.x_dtype), a);
   });
 }
 
