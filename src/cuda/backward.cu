@@ -2,7 +2,6 @@
 // and the input gradient. Typed and vectorised where dy has x's dtype (or
 // float32) with float32 arithmetic, or everything is float64; every other
 // combination generic.
-#include "cuda/cuda_check.hpp"
 #include "cuda/kernels.cuh"
 
 namespace distgn {
@@ -79,54 +78,46 @@ __global__ void cells_channel_kernel(CellsGeometry g, int64_t first_cell, int64_
 bool backward_has_typed(DType x, DType dy, DType compute) { return has_typed<BackwardTypes>(x, dy, compute); }
 
 void rows_sums(Stream stream, const RowsSumsArgs& a) {
-  const unsigned blocks = grid_size(a.g.blocks(), "rows_sums");
-  if (blocks == 0) return;
   const size_t shared = size_t(2 * a.g.tile_cols) * sizeof(double);
   with_backward_types(a.in, a.g.vec, "backward sums", [&](auto t, auto d, auto c) {
     using T = decltype(t);
     using D = decltype(d);
     using C = decltype(c);
     constexpr int VEC = vec_of<T>();
-    rows_sums_kernel<Reader<T, VEC>, Reader<D, VEC>, C><<<blocks, rows_block_threads(a.g), shared, stream>>>(
-        reader<T, VEC>(a.in.x, a.in.x_dtype), reader<D, VEC>(a.in.dy, a.in.dy_dtype), a);
-    DISTGN_CUDA_CHECK_LAUNCH("rows_sums_kernel");
+    launch_kernel(stream, "rows_sums", a.g.blocks(), a.g.block_threads(), shared,
+                  &rows_sums_kernel<Reader<T, VEC>, Reader<D, VEC>, C>, reader<T, VEC>(a.in.x, a.in.x_dtype),
+                  reader<D, VEC>(a.in.dy, a.in.dy_dtype), a);
   });
 }
 
 void cells_sums(Stream stream, const CellsSumsArgs& a) {
-  const unsigned blocks = grid_size(a.g.blocks(), "cells_sums");
-  if (blocks == 0) return;
   with_backward_types(a.in, a.g.vec, "backward sums", [&](auto t, auto d, auto c) {
     using T = decltype(t);
     using D = decltype(d);
     using C = decltype(c);
     constexpr int VEC = vec_of<T>();
-    cells_sums_kernel<Reader<T, VEC>, Reader<D, VEC>, C><<<blocks, a.g.warps * kWarp, 0, stream>>>(
-        reader<T, VEC>(a.in.x, a.in.x_dtype), reader<D, VEC>(a.in.dy, a.in.dy_dtype), a);
-    DISTGN_CUDA_CHECK_LAUNCH("cells_sums_kernel");
+    launch_kernel(stream, "cells_sums", a.g.blocks(), a.g.block_threads(), 0,
+                  &cells_sums_kernel<Reader<T, VEC>, Reader<D, VEC>, C>, reader<T, VEC>(a.in.x, a.in.x_dtype),
+                  reader<D, VEC>(a.in.dy, a.in.dy_dtype), a);
   });
 }
 
 void rows_channel_sums(Stream stream, const RowsGeometry& g, int64_t channels, const SumPair* block_cols,
                        double* channel_sums, bool accumulate) {
   if (channels == 0) return;
-  const unsigned blocks = grid_size(ceil_div(channels, kChannelWarps), "rows_channel_sums");
-  rows_channel_kernel<<<blocks, kChannelWarps * kWarp, 0, stream>>>(g, channels, block_cols, channel_sums, accumulate);
-  DISTGN_CUDA_CHECK_LAUNCH("rows_channel_kernel");
+  launch_kernel(stream, "rows_channel_sums", ceil_div(channels, kChannelWarps), kChannelWarps * kWarp, 0,
+                &rows_channel_kernel, g, channels, block_cols, channel_sums, accumulate);
 }
 
 void cells_channel_sums(Stream stream, const CellsGeometry& g, int64_t first_cell, int64_t groups,
                         int64_t channels, const SumPair* items, double* channel_sums, bool accumulate) {
   if (channels == 0) return;
-  const unsigned blocks = grid_size(ceil_div(channels, kChannelWarps), "cells_channel_sums");
-  cells_channel_kernel<<<blocks, kChannelWarps * kWarp, 0, stream>>>(g, first_cell, groups, channels, items,
-                                                                    channel_sums, accumulate);
-  DISTGN_CUDA_CHECK_LAUNCH("cells_channel_kernel");
+  launch_kernel(stream, "cells_channel_sums", ceil_div(channels, kChannelWarps), kChannelWarps * kWarp, 0,
+                &cells_channel_kernel, g, first_cell, groups, channels, items, channel_sums, accumulate);
 }
 
 void rows_input_grad(Stream stream, const RowsGeometry& g, int64_t first_slab, const GradArgs& a) {
-  const unsigned blocks = grid_size(g.blocks(), "rows_input_grad");
-  if (blocks == 0 || g.rows == 0) return;
+  if (g.rows == 0) return;
   with_backward_types(a.in, g.vec, "input gradient", [&](auto t, auto d, auto c) {
     using T = decltype(t);
     using D = decltype(d);
@@ -138,17 +129,14 @@ void rows_input_grad(Stream stream, const RowsGeometry& g, int64_t first_slab, c
     using R = decltype(x);
     using RD = decltype(dy);
     using Wr = decltype(dx);
-    if (a.mask)
-      rows_grad_kernel<R, RD, Wr, C, true><<<blocks, rows_block_threads(g), 0, stream>>>(x, dy, dx, g, first_slab, a);
-    else
-      rows_grad_kernel<R, RD, Wr, C, false><<<blocks, rows_block_threads(g), 0, stream>>>(x, dy, dx, g, first_slab, a);
-    DISTGN_CUDA_CHECK_LAUNCH("rows_grad_kernel");
+    launch_kernel(stream, "rows_input_grad", g.blocks(), g.block_threads(), 0,
+                  a.mask ? &rows_grad_kernel<R, RD, Wr, C, true> : &rows_grad_kernel<R, RD, Wr, C, false>, x, dy, dx,
+                  g, first_slab, a);
   });
 }
 
 void cells_input_grad(Stream stream, const CellsGeometry& g, int64_t first_cell, const GradArgs& a) {
-  const unsigned blocks = grid_size(g.blocks(), "cells_input_grad");
-  if (blocks == 0 || g.inner == 0) return;
+  if (g.inner == 0) return;
   with_backward_types(a.in, g.vec, "input gradient", [&](auto t, auto d, auto c) {
     using T = decltype(t);
     using D = decltype(d);
@@ -160,11 +148,9 @@ void cells_input_grad(Stream stream, const CellsGeometry& g, int64_t first_cell,
     using R = decltype(x);
     using RD = decltype(dy);
     using Wr = decltype(dx);
-    if (a.mask)
-      cells_grad_kernel<R, RD, Wr, C, true><<<blocks, g.warps * kWarp, 0, stream>>>(x, dy, dx, g, first_cell, a);
-    else
-      cells_grad_kernel<R, RD, Wr, C, false><<<blocks, g.warps * kWarp, 0, stream>>>(x, dy, dx, g, first_cell, a);
-    DISTGN_CUDA_CHECK_LAUNCH("cells_grad_kernel");
+    launch_kernel(stream, "cells_input_grad", g.blocks(), g.block_threads(), 0,
+                  a.mask ? &cells_grad_kernel<R, RD, Wr, C, true> : &cells_grad_kernel<R, RD, Wr, C, false>, x, dy,
+                  dx, g, first_cell, a);
   });
 }
 

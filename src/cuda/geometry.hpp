@@ -206,6 +206,7 @@ struct CellsGeometry {
   DISTGN_HD int64_t items_per_cell() const { return segments * chunks; }
   DISTGN_HD int64_t items() const { return cells * items_per_cell(); }
   DISTGN_HD int64_t blocks() const { return ceil_div(items(), warps); }
+  DISTGN_HD int block_threads() const { return warps * kWarp; }
 
   struct Item {
     int64_t cell, segment, chunk;

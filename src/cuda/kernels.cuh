@@ -21,12 +21,11 @@
 #include <type_traits>
 
 #include "core/dtype_dispatch.hpp"
+#include "cuda/cuda_check.hpp"
 #include "cuda/device_common.cuh"
 
 namespace distgn {
 namespace cuda {
-
-inline int rows_block_threads(const RowsGeometry& g) { return g.block_threads(); }
 
 // ============================================================================
 // channel_rows
@@ -727,6 +726,21 @@ void with_kernel_types(const char* what, int vec, DType x, DType other, DType co
   if (!launched)
     throw Error(std::string("CUDA ") + what + ": no vectorised kernel for " + dtype_name(x) + " with " +
                 dtype_name(other) + " and " + dtype_name(compute) + " arithmetic (the caller must choose vec 1)");
+}
+
+// ---- launches ----------------------------------------------------------------------------
+
+// Every kernel launch of src/cuda: `blocks` blocks of `threads` threads with
+// `shared` bytes of dynamic shared memory on `stream`, after the grid's size
+// check (none for an empty grid), then the launch's error check. The one
+// launch statement of src/cuda, which the emulator's convert.py rewrites.
+template <class... P, class... A>
+void launch_kernel(Stream stream, const char* name, int64_t blocks, int threads, size_t shared,
+                   void (*kernel)(P...), const A&... args) {
+  const unsigned grid = grid_size(blocks, name);
+  if (blocks <= 0) return;
+  kernel<<<grid, threads, shared, stream>>>(args...);
+  DISTGN_CUDA_CHECK_LAUNCH(name);
 }
 
 }  // namespace cuda

@@ -1,7 +1,6 @@
 // The small kernels: walking-order gathers and scatters, mask expansion,
 // backward terms from exchanged sums, parameter-gradient stores, and the
 // conversion probes the tests compare with core/half.hpp.
-#include "cuda/cuda_check.hpp"
 #include "cuda/kernels.cuh"
 
 namespace distgn {
@@ -10,10 +9,8 @@ namespace {
 
 constexpr int kThreads = 256;
 
-unsigned elementwise_blocks(int64_t total, const char* what) {
-  // Grid-stride loops: enough blocks to fill the machine, never more than the grid holds.
-  return grid_size(min64(ceil_div(total, kThreads), int64_t(1) << 20), what);
-}
+// Grid-stride loops: enough blocks to fill the machine, never more than the grid holds.
+int64_t elementwise_blocks(int64_t total) { return min64(ceil_div(total, kThreads), int64_t(1) << 20); }
 
 __device__ __forceinline__ int64_t global_thread() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ int64_t grid_threads() { return int64_t(gridDim.x) * blockDim.x; }
@@ -58,59 +55,50 @@ __global__ void floats_to_half_kernel(const float* in, int64_t count, DType dtyp
 void permute(Stream stream, const StridedIndex& map, int64_t total, int element_bytes, const void* src, void* dst,
              bool gather) {
   if (total <= 0) return;
-  const unsigned blocks = elementwise_blocks(total, "permute");
+  auto run = [&](auto element) {
+    using E = decltype(element);
+    launch_kernel(stream, "permute", elementwise_blocks(total), kThreads, 0, &permute_kernel<E>, map, total,
+                  static_cast<const E*>(src), static_cast<E*>(dst), gather);
+  };
   switch (element_bytes) {
-    case 1:
-      permute_kernel<uint8_t><<<blocks, kThreads, 0, stream>>>(map, total, static_cast<const uint8_t*>(src),
-                                                               static_cast<uint8_t*>(dst), gather);
-      break;
-    case 2:
-      permute_kernel<uint16_t><<<blocks, kThreads, 0, stream>>>(map, total, static_cast<const uint16_t*>(src),
-                                                                static_cast<uint16_t*>(dst), gather);
-      break;
-    case 4:
-      permute_kernel<uint32_t><<<blocks, kThreads, 0, stream>>>(map, total, static_cast<const uint32_t*>(src),
-                                                                static_cast<uint32_t*>(dst), gather);
-      break;
-    case 8:
-      permute_kernel<uint64_t><<<blocks, kThreads, 0, stream>>>(map, total, static_cast<const uint64_t*>(src),
-                                                                static_cast<uint64_t*>(dst), gather);
-      break;
+    case 1: return run(uint8_t{});
+    case 2: return run(uint16_t{});
+    case 4: return run(uint32_t{});
+    case 8: return run(uint64_t{});
     default:
       throw Error("CUDA permute: elements of " + std::to_string(element_bytes) + " bytes are not supported");
   }
-  DISTGN_CUDA_CHECK_LAUNCH("permute_kernel");
 }
 
 void expand_mask(Stream stream, const StridedIndex& map, int64_t total, const uint8_t* src, uint8_t* dst) {
   if (total <= 0) return;
-  expand_mask_kernel<<<elementwise_blocks(total, "expand_mask"), kThreads, 0, stream>>>(map, total, src, dst);
-  DISTGN_CUDA_CHECK_LAUNCH("expand_mask_kernel");
+  launch_kernel(stream, "expand_mask", elementwise_blocks(total), kThreads, 0, &expand_mask_kernel, map, total, src,
+                dst);
 }
 
 void terms_from_sums(Stream stream, int64_t cells, const SumPair* cell_sums, const double* count,
                      const double* clamped, SumPair* terms) {
   if (cells <= 0) return;
-  terms_kernel<<<elementwise_blocks(cells, "terms"), kThreads, 0, stream>>>(cells, cell_sums, count, clamped, terms);
-  DISTGN_CUDA_CHECK_LAUNCH("terms_kernel");
+  launch_kernel(stream, "terms", elementwise_blocks(cells), kThreads, 0, &terms_kernel, cells, cell_sums, count,
+                clamped, terms);
 }
 
 void store_doubles(Stream stream, const double* src, int64_t count, void* dst, DType dtype) {
   if (count <= 0) return;
-  store_doubles_kernel<<<elementwise_blocks(count, "store_doubles"), kThreads, 0, stream>>>(src, count, dst, dtype);
-  DISTGN_CUDA_CHECK_LAUNCH("store_doubles_kernel");
+  launch_kernel(stream, "store_doubles", elementwise_blocks(count), kThreads, 0, &store_doubles_kernel, src, count,
+                dst, dtype);
 }
 
 void convert_halves_to_float(Stream stream, const uint16_t* in, int64_t count, DType dtype, float* out) {
   if (count <= 0) return;
-  halves_to_float_kernel<<<elementwise_blocks(count, "convert"), kThreads, 0, stream>>>(in, count, dtype, out);
-  DISTGN_CUDA_CHECK_LAUNCH("halves_to_float_kernel");
+  launch_kernel(stream, "convert", elementwise_blocks(count), kThreads, 0, &halves_to_float_kernel, in, count,
+                dtype, out);
 }
 
 void convert_floats_to_half(Stream stream, const float* in, int64_t count, DType dtype, uint16_t* out) {
   if (count <= 0) return;
-  floats_to_half_kernel<<<elementwise_blocks(count, "convert"), kThreads, 0, stream>>>(in, count, dtype, out);
-  DISTGN_CUDA_CHECK_LAUNCH("floats_to_half_kernel");
+  launch_kernel(stream, "convert", elementwise_blocks(count), kThreads, 0, &floats_to_half_kernel, in, count,
+                dtype, out);
 }
 
 }  // namespace cuda

@@ -1,7 +1,6 @@
 // Normalisation kernels: y = (x - mean) * (rstd * scale) + bias. Typed and
 // vectorised for float32/float16/bfloat16 in and out with float32
 // arithmetic, and float64 throughout; every other combination generic.
-#include "cuda/cuda_check.hpp"
 #include "cuda/kernels.cuh"
 
 namespace distgn {
@@ -21,30 +20,28 @@ struct NormalizeTypes {
 bool normalize_has_typed(DType x, DType y, DType compute) { return has_typed<NormalizeTypes>(x, y, compute); }
 
 void rows_normalize(Stream stream, const RowsNormalizeArgs& a) {
-  const unsigned blocks = grid_size(a.g.blocks(), "rows_normalize");
-  if (blocks == 0 || a.g.rows == 0) return;
+  if (a.g.rows == 0) return;
   with_kernel_types<NormalizeTypes>("normalize", a.g.vec, a.x_dtype, a.y_dtype, a.compute, [&](auto t, auto u, auto c) {
     using T = decltype(t);
     using Y = decltype(u);
     using C = decltype(c);
     constexpr int VEC = vec_of<T>();
-    rows_normalize_kernel<Reader<T, VEC>, Writer<Y, VEC>, C><<<blocks, rows_block_threads(a.g), 0, stream>>>(
-        reader<T, VEC>(a.x, a.x_dtype), writer<Y, VEC>(a.y, a.y_dtype), a);
-    DISTGN_CUDA_CHECK_LAUNCH("rows_normalize_kernel");
+    launch_kernel(stream, "rows_normalize", a.g.blocks(), a.g.block_threads(), 0,
+                  &rows_normalize_kernel<Reader<T, VEC>, Writer<Y, VEC>, C>, reader<T, VEC>(a.x, a.x_dtype),
+                  writer<Y, VEC>(a.y, a.y_dtype), a);
   });
 }
 
 void cells_normalize(Stream stream, const CellsNormalizeArgs& a) {
-  const unsigned blocks = grid_size(a.g.blocks(), "cells_normalize");
-  if (blocks == 0 || a.g.inner == 0) return;
+  if (a.g.inner == 0) return;
   with_kernel_types<NormalizeTypes>("normalize", a.g.vec, a.x_dtype, a.y_dtype, a.compute, [&](auto t, auto u, auto c) {
     using T = decltype(t);
     using Y = decltype(u);
     using C = decltype(c);
     constexpr int VEC = vec_of<T>();
-    cells_normalize_kernel<Reader<T, VEC>, Writer<Y, VEC>, C><<<blocks, a.g.warps * kWarp, 0, stream>>>(
-        reader<T, VEC>(a.x, a.x_dtype), writer<Y, VEC>(a.y, a.y_dtype), a);
-    DISTGN_CUDA_CHECK_LAUNCH("cells_normalize_kernel");
+    launch_kernel(stream, "cells_normalize", a.g.blocks(), a.g.block_threads(), 0,
+                  &cells_normalize_kernel<Reader<T, VEC>, Writer<Y, VEC>, C>, reader<T, VEC>(a.x, a.x_dtype),
+                  writer<Y, VEC>(a.y, a.y_dtype), a);
   });
 }
 

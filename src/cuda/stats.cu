@@ -1,6 +1,5 @@
 // Statistics kernels: dispatch on the input dtype (typed and vectorised for
 // every dtype, or generic with vec 1) and on the mask.
-#include "cuda/cuda_check.hpp"
 #include "cuda/kernels.cuh"
 
 namespace distgn {
@@ -9,26 +8,15 @@ namespace {
 
 template <class R>
 void launch_rows_stats(Stream stream, R x, const RowsStatsArgs& a) {
-  const unsigned blocks = grid_size(a.g.blocks(), "rows_stats");
-  if (blocks == 0) return;
   const size_t shared = size_t(3 * a.g.tile_cols + (a.mask ? a.g.slots : 0)) * sizeof(double);
-  if (a.mask)
-    rows_stats_kernel<R, true><<<blocks, rows_block_threads(a.g), shared, stream>>>(x, a);
-  else
-    rows_stats_kernel<R, false><<<blocks, rows_block_threads(a.g), shared, stream>>>(x, a);
-  DISTGN_CUDA_CHECK_LAUNCH("rows_stats_kernel");
+  launch_kernel(stream, "rows_stats", a.g.blocks(), a.g.block_threads(), shared,
+                a.mask ? &rows_stats_kernel<R, true> : &rows_stats_kernel<R, false>, x, a);
 }
 
 template <class R>
 void launch_cells_stats(Stream stream, R x, const CellsStatsArgs& a) {
-  const unsigned blocks = grid_size(a.g.blocks(), "cells_stats");
-  if (blocks == 0) return;
-  const int threads = a.g.warps * kWarp;
-  if (a.mask)
-    cells_stats_kernel<R, true><<<blocks, threads, 0, stream>>>(x, a);
-  else
-    cells_stats_kernel<R, false><<<blocks, threads, 0, stream>>>(x, a);
-  DISTGN_CUDA_CHECK_LAUNCH("cells_stats_kernel");
+  launch_kernel(stream, "cells_stats", a.g.blocks(), a.g.block_threads(), 0,
+                a.mask ? &cells_stats_kernel<R, true> : &cells_stats_kernel<R, false>, x, a);
 }
 
 // Statistics read x alone (their sums are in x's wide type): typed for
