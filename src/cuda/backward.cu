@@ -18,10 +18,15 @@ struct BackwardTypes {
   }
 };
 
-// f(x tag, dy tag, compute tag); AnyDType tags for the generic kernels.
+// f(x's type tag, x reader, dy reader, compute tag) for the backward kernels.
 template <class F>
-void with_backward_types(const BackwardInputs& in, int vec, const char* what, F&& f) {
-  with_kernel_types<BackwardTypes>(what, vec, in.x_dtype, in.dy_dtype, in.compute, f);
+void with_backward_readers(const BackwardInputs& in, int vec, const char* what, F&& f) {
+  with_kernel_types<BackwardTypes>(what, vec, in.x_dtype, in.dy_dtype, in.compute, [&](auto t, auto d, auto c) {
+    using T = decltype(t);
+    using D = decltype(d);
+    constexpr int VEC = vec_of<T>();
+    f(t, reader<T, VEC>(in.x, in.x_dtype), reader<D, VEC>(in.dy, in.dy_dtype), c);
+  });
 }
 
 constexpr int kChannelWarps = 8;
@@ -77,80 +82,50 @@ __global__ void cells_channel_kernel(CellsGeometry g, int64_t first_cell, int64_
 
 bool backward_has_typed(DType x, DType dy, DType compute) { return has_typed<BackwardTypes>(x, dy, compute); }
 
-void rows_sums(Stream stream, const RowsSumsArgs& a) {
-  const size_t shared = size_t(2 * a.g.tile_cols) * sizeof(double);
-  with_backward_types(a.in, a.g.vec, "backward sums", [&](auto t, auto d, auto c) {
-    using T = decltype(t);
-    using D = decltype(d);
-    using C = decltype(c);
-    constexpr int VEC = vec_of<T>();
-    launch_kernel(stream, "rows_sums", a.g.blocks(), a.g.block_threads(), shared,
-                  &rows_sums_kernel<Reader<T, VEC>, Reader<D, VEC>, C>, reader<T, VEC>(a.in.x, a.in.x_dtype),
-                  reader<D, VEC>(a.in.dy, a.in.dy_dtype), a);
+void sums(Stream stream, const SumsArgs& a) {
+  with_form(a, [&](const auto& k) {
+    using K = decltype(k);
+    size_t shared = 0;
+    if constexpr (over_rows<K>()) shared = size_t(2 * k.g.tile_cols) * sizeof(double);
+    with_backward_readers(a.in, a.g.vec(), "backward sums", [&](auto, auto x, auto dy, auto c) {
+      using R = decltype(x);
+      using RD = decltype(dy);
+      using C = decltype(c);
+      launch_family(stream, "backward sums", k, false, shared, [](auto) {
+        if constexpr (over_rows<K>()) return &rows_sums_kernel<R, RD, C>;
+        else return &cells_sums_kernel<R, RD, C>;
+      }, x, dy, k);
+    });
   });
 }
 
-void cells_sums(Stream stream, const CellsSumsArgs& a) {
-  with_backward_types(a.in, a.g.vec, "backward sums", [&](auto t, auto d, auto c) {
-    using T = decltype(t);
-    using D = decltype(d);
-    using C = decltype(c);
-    constexpr int VEC = vec_of<T>();
-    launch_kernel(stream, "cells_sums", a.g.blocks(), a.g.block_threads(), 0,
-                  &cells_sums_kernel<Reader<T, VEC>, Reader<D, VEC>, C>, reader<T, VEC>(a.in.x, a.in.x_dtype),
-                  reader<D, VEC>(a.in.dy, a.in.dy_dtype), a);
-  });
-}
-
-void rows_channel_sums(Stream stream, const RowsGeometry& g, int64_t channels, const SumPair* block_cols,
-                       double* channel_sums, bool accumulate) {
+void channel_sums(Stream stream, const SumsArgs& a, double* channel_sums, bool accumulate) {
+  const int64_t channels = a.in.c.channels;
   if (channels == 0) return;
-  launch_kernel(stream, "rows_channel_sums", ceil_div(channels, kChannelWarps), kChannelWarps * kWarp, 0,
-                &rows_channel_kernel, g, channels, block_cols, channel_sums, accumulate);
+  const int64_t blocks = ceil_div(channels, kChannelWarps);
+  if (a.g.channel_rows)
+    launch_kernel(stream, "channel sums", blocks, kChannelWarps * kWarp, 0, &rows_channel_kernel, a.g.rows, channels,
+                  a.columns, channel_sums, accumulate);
+  else
+    launch_kernel(stream, "channel sums", blocks, kChannelWarps * kWarp, 0, &cells_channel_kernel, a.g.cells, a.first,
+                  a.in.c.groups, channels, a.partials, channel_sums, accumulate);
 }
 
-void cells_channel_sums(Stream stream, const CellsGeometry& g, int64_t first_cell, int64_t groups,
-                        int64_t channels, const SumPair* items, double* channel_sums, bool accumulate) {
-  if (channels == 0) return;
-  launch_kernel(stream, "cells_channel_sums", ceil_div(channels, kChannelWarps), kChannelWarps * kWarp, 0,
-                &cells_channel_kernel, g, first_cell, groups, channels, items, channel_sums, accumulate);
-}
-
-void rows_input_grad(Stream stream, const RowsGeometry& g, int64_t first_slab, const GradArgs& a) {
-  if (g.rows == 0) return;
-  with_backward_types(a.in, g.vec, "input gradient", [&](auto t, auto d, auto c) {
-    using T = decltype(t);
-    using D = decltype(d);
-    using C = decltype(c);
-    constexpr int VEC = vec_of<T>();
-    const auto x = reader<T, VEC>(a.in.x, a.in.x_dtype);
-    const auto dy = reader<D, VEC>(a.in.dy, a.in.dy_dtype);
-    const auto dx = writer<T, VEC>(a.dx, a.in.x_dtype);
-    using R = decltype(x);
-    using RD = decltype(dy);
-    using Wr = decltype(dx);
-    launch_kernel(stream, "rows_input_grad", g.blocks(), g.block_threads(), 0,
-                  a.mask ? &rows_grad_kernel<R, RD, Wr, C, true> : &rows_grad_kernel<R, RD, Wr, C, false>, x, dy, dx,
-                  g, first_slab, a);
-  });
-}
-
-void cells_input_grad(Stream stream, const CellsGeometry& g, int64_t first_cell, const GradArgs& a) {
-  if (g.inner == 0) return;
-  with_backward_types(a.in, g.vec, "input gradient", [&](auto t, auto d, auto c) {
-    using T = decltype(t);
-    using D = decltype(d);
-    using C = decltype(c);
-    constexpr int VEC = vec_of<T>();
-    const auto x = reader<T, VEC>(a.in.x, a.in.x_dtype);
-    const auto dy = reader<D, VEC>(a.in.dy, a.in.dy_dtype);
-    const auto dx = writer<T, VEC>(a.dx, a.in.x_dtype);
-    using R = decltype(x);
-    using RD = decltype(dy);
-    using Wr = decltype(dx);
-    launch_kernel(stream, "cells_input_grad", g.blocks(), g.block_threads(), 0,
-                  a.mask ? &cells_grad_kernel<R, RD, Wr, C, true> : &cells_grad_kernel<R, RD, Wr, C, false>, x, dy,
-                  dx, g, first_cell, a);
+void input_grad(Stream stream, const GradArgs& a) {
+  if (!a.g.has_elements()) return;
+  with_form(a, [&](const auto& k) {
+    using K = decltype(k);
+    with_backward_readers(a.in, a.g.vec(), "input gradient", [&](auto t, auto x, auto dy, auto c) {
+      using R = decltype(x);
+      using RD = decltype(dy);
+      using C = decltype(c);
+      const auto dx = writer<decltype(t), R::kVec>(a.dx, a.in.x_dtype);
+      using Wr = decltype(dx);
+      launch_family(stream, "input gradient", k, a.mask != nullptr, 0, [](auto masked) {
+        if constexpr (over_rows<K>()) return &rows_grad_kernel<R, RD, Wr, C, decltype(masked)::value>;
+        else return &cells_grad_kernel<R, RD, Wr, C, decltype(masked)::value>;
+      }, x, dy, dx, k.g, k.first, static_cast<const GradFields&>(k));
+    });
   });
 }
 

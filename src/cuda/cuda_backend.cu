@@ -281,8 +281,7 @@ class CudaBackend final : public Backend {
                      double* channel_sums) override {
     const Plan& p = *in.plan;
     double* channels = channel_sums_.get_as<double>(size_t(2 * std::max<int64_t>(p.channels, 1)), stream_);
-    const SumsLaunch launch = sums(p, backward_inputs(in, stats), cells, nullptr);
-    channel_sums_of(p, launch, channels, false);
+    cuda::channel_sums(stream_, sums(p, backward_inputs(in, stats), cells, nullptr), channels, false);
     host_channels_.resize(size_t(2 * p.channels));
     down_.begin(size_t(2 * cells.size() + 2 * p.channels) * sizeof(double));
     down_.copy(cell_sums + 2 * cells.begin, cell_sums_.get_as<SumPair>(0, stream_) + cells.begin,
@@ -311,8 +310,7 @@ class CudaBackend final : public Backend {
     const Plan& p = *in.plan;
     SumPair* terms = terms_.get_as<SumPair>(size_t(std::max<int64_t>(p.num_cells, 1)), stream_);
     double* channels = channel_sums_.get_as<double>(size_t(2 * std::max<int64_t>(p.channels, 1)), stream_);
-    const SumsLaunch launch = sums(p, backward_inputs(in, stats), cells, terms);
-    channel_sums_of(p, launch, channels, !first);
+    cuda::channel_sums(stream_, sums(p, backward_inputs(in, stats), cells, terms), channels, !first);
   }
 
   void input_grad(const KernelInputs& in, CellRange cells, const CellStatistics& stats, void* dx) override {
@@ -441,155 +439,77 @@ class CudaBackend final : public Backend {
 
   // ---- kernels over a cell range ------------------------------------------------------------
 
-  int rows_vec(const Plan& p, bool typed, std::initializer_list<const void*> pointers) const {
-    const int vec = cuda::full_vec(p.input_dtype);
-    if (!typed || p.row_width % vec != 0) return 1;
+  // The plan's form over `cells`. vec: 16 bytes of the input dtype where
+  // the kernels are typed for the call's dtypes, every pointer is 16-byte
+  // aligned and (channel_rows) vec divides the row; else 1.
+  cuda::Geometry geometry(const Plan& p, CellRange cells, bool typed,
+                          std::initializer_list<const void*> pointers) const {
+    int vec = typed ? cuda::full_vec(p.input_dtype) : 1;
     for (const void* ptr : pointers)
-      if (ptr && !aligned16(ptr)) return 1;
-    return vec;
-  }
-  int cells_vec(const Plan& p, bool typed, std::initializer_list<const void*> pointers) const {
-    if (!typed) return 1;
-    for (const void* ptr : pointers)
-      if (ptr && !aligned16(ptr)) return 1;
-    return cuda::full_vec(p.input_dtype);
-  }
-
-  cuda::RowsGeometry rows_geometry(const Plan& p, CellRange cells, int vec) const {
-    return cuda::rows_geometry(cells.size() / p.cells_per_row, p.rows, p.row_width, p.group_size, vec, sms_);
-  }
-  cuda::CellsGeometry cells_geometry(const Plan& p, CellRange cells, int vec) const {
+      if (ptr && !aligned16(ptr)) vec = 1;
+    if (p.form == Plan::Form::channel_rows) {
+      if (p.row_width % vec != 0) vec = 1;
+      return cuda::rows_geometry(cells.size() / p.cells_per_row, p.rows, p.row_width, p.group_size, vec, sms_);
+    }
     return cuda::cells_geometry(cells.size(), p.group_size, p.inner, vec, sms_);
   }
 
   void stats(const Plan& p, const void* x, const uint8_t* mask, CellRange cells, CellMoments* moments,
              const CellStateView* state, const FinalizeParams& fin) {
-    if (p.form == Plan::Form::channel_rows) {
-      cuda::RowsStatsArgs a;
-      a.g = rows_geometry(p, cells, rows_vec(p, true, {x, mask}));
-      a.first_slab = cells.begin / p.cells_per_row;
-      a.x = x;
-      a.x_dtype = p.input_dtype;
-      a.mask = mask;
-      a.partials = partials_.get_as<CellMoments>(size_t(a.g.blocks() * a.g.slots), stream_);
-      a.counters = counters_.get_as<unsigned>(size_t(a.g.slabs), stream_, true);
-      a.moments = moments;
-      if (state) a.state = *state;
-      a.finalize = state != nullptr;
-      a.fin = fin;
-      cuda::rows_stats(stream_, a);
-    } else {
-      cuda::CellsStatsArgs a;
-      a.g = cells_geometry(p, cells, cells_vec(p, true, {x, mask}));
-      a.first_cell = cells.begin;
-      a.x = x;
-      a.x_dtype = p.input_dtype;
-      a.mask = mask;
-      a.partials = partials_.get_as<CellMoments>(size_t(a.g.items()), stream_);
-      a.counters = counters_.get_as<unsigned>(size_t(a.g.cells), stream_, true);
-      a.moments = moments;
-      if (state) a.state = *state;
-      a.finalize = state != nullptr;
-      a.fin = fin;
-      cuda::cells_stats(stream_, a);
-    }
+    cuda::StatsArgs a;
+    a.g = geometry(p, cells, true, {x, mask});
+    a.first = a.g.first_of(cells.begin);
+    a.x = x;
+    a.x_dtype = p.input_dtype;
+    a.mask = mask;
+    a.partials = partials_.get_as<CellMoments>(size_t(a.g.partials()), stream_);
+    a.counters = counters_.get_as<unsigned>(size_t(a.g.counters()), stream_, true);
+    a.moments = moments;
+    if (state) a.state = *state;
+    a.finalize = state != nullptr;
+    a.fin = fin;
+    cuda::stats(stream_, a);
   }
 
   void normalize(const Plan& p, const void* x, CellRange cells, const cuda::CoefficientsView& coef, void* y,
                  DType y_dtype, DType compute) {
-    const bool typed = cuda::normalize_has_typed(p.input_dtype, y_dtype, compute);
-    if (p.form == Plan::Form::channel_rows) {
-      cuda::RowsNormalizeArgs a;
-      a.g = rows_geometry(p, cells, rows_vec(p, typed, {x, y}));
-      a.first_slab = cells.begin / p.cells_per_row;
-      a.x = x;
-      a.x_dtype = p.input_dtype;
-      a.y = y;
-      a.y_dtype = y_dtype;
-      a.compute = compute;
-      a.c = coef;
-      cuda::rows_normalize(stream_, a);
-    } else {
-      cuda::CellsNormalizeArgs a;
-      a.g = cells_geometry(p, cells, cells_vec(p, typed, {x, y}));
-      a.first_cell = cells.begin;
-      a.x = x;
-      a.x_dtype = p.input_dtype;
-      a.y = y;
-      a.y_dtype = y_dtype;
-      a.compute = compute;
-      a.c = coef;
-      cuda::cells_normalize(stream_, a);
-    }
+    cuda::NormalizeArgs a;
+    a.g = geometry(p, cells, cuda::normalize_has_typed(p.input_dtype, y_dtype, compute), {x, y});
+    a.first = a.g.first_of(cells.begin);
+    a.x = x;
+    a.x_dtype = p.input_dtype;
+    a.y = y;
+    a.y_dtype = y_dtype;
+    a.compute = compute;
+    a.c = coef;
+    cuda::normalize(stream_, a);
   }
 
-  // What a sums launch leaves for the channel sums.
-  struct SumsLaunch {
-    bool rows;
-    cuda::RowsGeometry rg;
-    cuda::CellsGeometry cg;
-    int64_t first_cell;
-    const SumPair* partials;
-  };
-
-  SumsLaunch sums(const Plan& p, const cuda::BackwardInputs& in, CellRange cells, SumPair* terms) {
-    const bool typed = cuda::backward_has_typed(in.x_dtype, in.dy_dtype, in.compute);
-    SumPair* cell_sums = cell_sums_.get_as<SumPair>(size_t(std::max<int64_t>(p.num_cells, 1)), stream_);
-    SumsLaunch launch{};
-    launch.first_cell = cells.begin;
-    if (p.form == Plan::Form::channel_rows) {
-      cuda::RowsSumsArgs a;
-      a.g = rows_geometry(p, cells, rows_vec(p, typed, {in.x, in.dy}));
-      a.first_slab = cells.begin / p.cells_per_row;
-      a.in = in;
-      a.block_cols = partials2_.get_as<SumPair>(size_t(a.g.blocks() * a.g.tile_cols), stream_);
-      a.block_cells = partials_.get_as<SumPair>(size_t(a.g.blocks() * a.g.slots), stream_);
-      a.counters = counters_.get_as<unsigned>(size_t(a.g.slabs), stream_, true);
-      a.cell_sums = cell_sums;
-      a.terms = terms;
-      cuda::rows_sums(stream_, a);
-      launch.rows = true;
-      launch.rg = a.g;
-      launch.partials = a.block_cols;
-    } else {
-      cuda::CellsSumsArgs a;
-      a.g = cells_geometry(p, cells, cells_vec(p, typed, {in.x, in.dy}));
-      a.first_cell = cells.begin;
-      a.in = in;
-      a.items = partials2_.get_as<SumPair>(size_t(a.g.items()), stream_);
-      a.counters = counters_.get_as<unsigned>(size_t(a.g.cells), stream_, true);
-      a.cell_sums = cell_sums;
-      a.terms = terms;
-      cuda::cells_sums(stream_, a);
-      launch.rows = false;
-      launch.cg = a.g;
-      launch.partials = a.items;
-    }
-    return launch;
-  }
-
-  void channel_sums_of(const Plan& p, const SumsLaunch& launch, double* channel_sums, bool accumulate) {
-    if (launch.rows)
-      cuda::rows_channel_sums(stream_, launch.rg, p.channels, launch.partials, channel_sums, accumulate);
-    else
-      cuda::cells_channel_sums(stream_, launch.cg, launch.first_cell, p.num_groups, p.channels, launch.partials,
-                               channel_sums, accumulate);
+  // The sums launch, returned for the channel sums that follow it.
+  cuda::SumsArgs sums(const Plan& p, const cuda::BackwardInputs& in, CellRange cells, SumPair* terms) {
+    cuda::SumsArgs a;
+    a.g = geometry(p, cells, cuda::backward_has_typed(in.x_dtype, in.dy_dtype, in.compute), {in.x, in.dy});
+    a.first = a.g.first_of(cells.begin);
+    a.in = in;
+    a.partials = partials_.get_as<SumPair>(size_t(a.g.partials()), stream_);
+    if (a.g.column_partials()) a.columns = partials2_.get_as<SumPair>(size_t(a.g.column_partials()), stream_);
+    a.counters = counters_.get_as<unsigned>(size_t(a.g.counters()), stream_, true);
+    a.cell_sums = cell_sums_.get_as<SumPair>(size_t(std::max<int64_t>(p.num_cells, 1)), stream_);
+    a.terms = terms;
+    cuda::sums(stream_, a);
+    return a;
   }
 
   void input_grad(const Plan& p, const cuda::BackwardInputs& in, const uint8_t* mask, const SumPair* terms, void* dx,
                   CellRange cells) {
-    const bool typed = cuda::backward_has_typed(in.x_dtype, in.dy_dtype, in.compute);
     cuda::GradArgs a;
+    a.g = geometry(p, cells, cuda::backward_has_typed(in.x_dtype, in.dy_dtype, in.compute), {in.x, in.dy, dx, mask});
+    a.first = a.g.first_of(cells.begin);
     a.in = in;
     a.mask = mask;
     a.terms = terms;
     a.dx = dx;
-    if (p.form == Plan::Form::channel_rows)
-      cuda::rows_input_grad(stream_, rows_geometry(p, cells, rows_vec(p, typed, {in.x, in.dy, dx, mask})),
-                            cells.begin / p.cells_per_row, a);
-    else
-      cuda::cells_input_grad(stream_, cells_geometry(p, cells, cells_vec(p, typed, {in.x, in.dy, dx, mask})),
-                             cells.begin, a);
+    cuda::input_grad(stream_, a);
   }
 
   cudaStream_t stream_;

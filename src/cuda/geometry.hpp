@@ -259,6 +259,37 @@ inline CellsGeometry cells_geometry(int64_t cells, int64_t segments, int64_t inn
   return g;
 }
 
+// ---- either form -------------------------------------------------------------
+
+// The geometry of a launch in either form, for the host: the kernel families
+// pass the form's geometry to the form's kernel, and size their workspace
+// with it.
+struct Geometry {
+  bool channel_rows = true;  // else contiguous_cells
+  RowsGeometry rows;         // channel_rows
+  CellsGeometry cells;       // contiguous_cells
+
+  Geometry() = default;
+  Geometry(const RowsGeometry& g) : channel_rows(true), rows(g) {}
+  Geometry(const CellsGeometry& g) : channel_rows(false), cells(g) {}
+
+  int vec() const { return channel_rows ? rows.vec : cells.vec; }
+  // Does the launch walk any element? (Without, the reductions still write
+  // their cells; the elementwise kernels have nothing to do.)
+  bool has_elements() const { return channel_rows ? rows.rows > 0 : cells.inner > 0; }
+  // The launch's first slab (channel_rows) or cell (contiguous_cells), for
+  // its first cell.
+  int64_t first_of(int64_t first_cell) const { return channel_rows ? first_cell / rows.cells_per_row : first_cell; }
+  // Partial records of a reduction: one per block and cell of its tile, or
+  // one per item.
+  int64_t partials() const { return channel_rows ? rows.blocks() * rows.slots : cells.items(); }
+  // channel_rows' backward sums also keep one per block and column of its
+  // tile, for the channel sums (contiguous_cells' items are per channel).
+  int64_t column_partials() const { return channel_rows ? rows.blocks() * rows.tile_cols : 0; }
+  // Arrival counters of a reduction: one per slab, or per cell.
+  int64_t counters() const { return channel_rows ? rows.slabs : cells.cells; }
+};
+
 // An item's elements: a scalar head up to a vector boundary, whole vectors,
 // a scalar tail (head and tail are empty when inner is a multiple of vec).
 // Lane l takes head element begin + l, tail element body_end + l, and the

@@ -32,7 +32,7 @@ namespace cuda {
 // ============================================================================
 
 template <class R, bool MASKED>
-__global__ void __launch_bounds__(kMaxBlockThreads) rows_stats_kernel(R x, RowsStatsArgs a) {
+__global__ void __launch_bounds__(kMaxBlockThreads) rows_stats_kernel(R x, Args<RowsGeometry, StatsFields> a) {
   constexpr int VEC = R::kVec;
   using W = typename R::Wide;
   const RowsGeometry& g = a.g;
@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) rows_stats_kernel(R x, RowsS
   double* col_count = smem + 2 * g.tile_cols;
   unsigned long long* first_valid = reinterpret_cast<unsigned long long*>(smem + 3 * g.tile_cols);
 
-  const RowsThread t = rows_thread(g, blockIdx.x, threadIdx.x, a.first_slab);
+  const RowsThread t = rows_thread(g, blockIdx.x, threadIdx.x, a.first);
   const RowsGeometry::Block blk = g.block(blockIdx.x);
   const int64_t S = g.group_size;
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp, warps = blockDim.x / kWarp;
@@ -186,12 +186,13 @@ __global__ void __launch_bounds__(kMaxBlockThreads) rows_stats_kernel(R x, RowsS
 }
 
 template <class R, class Wr, class C>
-__global__ void __launch_bounds__(kMaxBlockThreads) rows_normalize_kernel(R x, Wr y, RowsNormalizeArgs a) {
+__global__ void __launch_bounds__(kMaxBlockThreads)
+    rows_normalize_kernel(R x, Wr y, Args<RowsGeometry, NormalizeFields> a) {
   constexpr int VEC = R::kVec;
   constexpr int UNROLL = 2 * kUnroll;
   static_assert(Wr::kVec == VEC, "reader and writer widths differ");
   const RowsGeometry& g = a.g;
-  const RowsThread t = rows_thread(g, g.blocks() - 1 - int64_t(blockIdx.x), threadIdx.x, a.first_slab);
+  const RowsThread t = rows_thread(g, g.blocks() - 1 - int64_t(blockIdx.x), threadIdx.x, a.first);
   if (!t.active) return;
   C mean[VEC], mul[VEC], add[VEC];
 #pragma unroll
@@ -227,7 +228,7 @@ template <class RD, class C>
 using AccumulatorOf = decltype(typename RD::Wide() * C());
 
 template <class R, class RD, class C>
-__global__ void __launch_bounds__(kMaxBlockThreads) rows_sums_kernel(R x, RD dy, RowsSumsArgs a) {
+__global__ void __launch_bounds__(kMaxBlockThreads) rows_sums_kernel(R x, RD dy, Args<RowsGeometry, SumsFields> a) {
   constexpr int VEC = R::kVec;
   static_assert(RD::kVec == VEC, "x and dy readers differ in width");
   using Acc = AccumulatorOf<RD, C>;
@@ -237,7 +238,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) rows_sums_kernel(R x, RD dy,
   double* col_dy = smem;
   double* col_dx = smem + g.tile_cols;
 
-  const RowsThread t = rows_thread(g, blockIdx.x, threadIdx.x, a.first_slab);
+  const RowsThread t = rows_thread(g, blockIdx.x, threadIdx.x, a.first);
   const RowsGeometry::Block blk = g.block(blockIdx.x);
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp, warps = blockDim.x / kWarp;
 
@@ -295,7 +296,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) rows_sums_kernel(R x, RD dy,
   // Per column (for the channel sums) and per cell of the tile (A, B).
   const int64_t width = t.t1 - t.t0;
   for (int64_t j = tid; j < width; j += blockDim.x)
-    a.block_cols[int64_t(blockIdx.x) * g.tile_cols + j] = SumPair{col_dy[j], col_dx[j]};
+    a.columns[int64_t(blockIdx.x) * g.tile_cols + j] = SumPair{col_dy[j], col_dx[j]};
   const int64_t cells = g.tile_cells(blk.tile);
   for (int64_t s = warp; s < cells; s += warps) {
     const int64_t q = t.cell0 + s;
@@ -308,7 +309,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) rows_sums_kernel(R x, RD dy,
     }
     A = warp_sum(A);
     B = warp_sum(B);
-    if (lane == 0) a.block_cells[int64_t(blockIdx.x) * g.slots + s] = SumPair{A, B};
+    if (lane == 0) a.partials[int64_t(blockIdx.x) * g.slots + s] = SumPair{A, B};
   }
 
   if (!last_arrival<Arrival::block>(a.counters + blk.slab, unsigned(g.blocks_per_slab()))) return;
@@ -316,7 +317,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) rows_sums_kernel(R x, RD dy,
     double A = 0, B = 0;
     const int64_t n = g.partials_per_cell(q);
     for (int64_t i = lane; i < n; i += kWarp) {
-      const SumPair p = load_partial(a.block_cells + g.partial_of_cell(blk.slab, q, i));
+      const SumPair p = load_partial(a.partials + g.partial_of_cell(blk.slab, q, i));
       A += p.first;
       B += p.second;
     }
@@ -335,7 +336,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) rows_sums_kernel(R x, RD dy,
 
 template <class R, class RD, class Wr, class C, bool MASKED>
 __global__ void __launch_bounds__(kMaxBlockThreads)
-    rows_grad_kernel(R x, RD dy, Wr dx, RowsGeometry g, int64_t first_slab, GradArgs a) {
+    rows_grad_kernel(R x, RD dy, Wr dx, RowsGeometry g, int64_t first_slab, GradFields a) {
   constexpr int VEC = R::kVec;
   constexpr int UNROLL = kUnroll;
   static_assert(RD::kVec == VEC && Wr::kVec == VEC, "reader and writer widths differ");
@@ -397,7 +398,7 @@ __device__ __forceinline__ int64_t warp_item(const CellsGeometry& g, bool revers
 }
 
 template <class R, bool MASKED>
-__global__ void __launch_bounds__(kItemWarps * kWarp) cells_stats_kernel(R x, CellsStatsArgs a) {
+__global__ void __launch_bounds__(kItemWarps * kWarp) cells_stats_kernel(R x, Args<CellsGeometry, StatsFields> a) {
   constexpr int VEC = R::kVec;
   using W = typename R::Wide;
   const CellsGeometry& g = a.g;
@@ -405,7 +406,7 @@ __global__ void __launch_bounds__(kItemWarps * kWarp) cells_stats_kernel(R x, Ce
   if (item < 0) return;
   const int lane = threadIdx.x % kWarp;
   const CellsGeometry::Item it = g.item(item);
-  const int64_t base = a.first_cell * g.cell_elements();
+  const int64_t base = a.first * g.cell_elements();
   const ItemRange rg = item_range(base + it.begin, base + it.end, VEC);
   const int64_t head = rg.body_begin - rg.begin, tail = rg.end - rg.body_end;
 
@@ -484,14 +485,15 @@ __global__ void __launch_bounds__(kItemWarps * kWarp) cells_stats_kernel(R x, Ce
   for (int64_t i = lane; i < n; i += kWarp) m = merge_moments(m, load_partial(a.partials + first + i));
   m = warp_merge(m);
   if (lane == 0) {
-    const int64_t cell = a.first_cell + it.cell;
+    const int64_t cell = a.first + it.cell;
     if (a.moments) a.moments[cell] = m;
     if (a.finalize) write_cell_state(a.state, cell, m, a.fin);
   }
 }
 
 template <class R, class Wr, class C>
-__global__ void __launch_bounds__(kItemWarps * kWarp) cells_normalize_kernel(R x, Wr y, CellsNormalizeArgs a) {
+__global__ void __launch_bounds__(kItemWarps * kWarp)
+    cells_normalize_kernel(R x, Wr y, Args<CellsGeometry, NormalizeFields> a) {
   constexpr int VEC = R::kVec;
   constexpr int UNROLL = 2 * kUnroll;
   static_assert(Wr::kVec == VEC, "reader and writer widths differ");
@@ -500,9 +502,9 @@ __global__ void __launch_bounds__(kItemWarps * kWarp) cells_normalize_kernel(R x
   if (item < 0) return;
   const int lane = threadIdx.x % kWarp;
   const CellsGeometry::Item it = g.item(item);
-  const int64_t base = a.first_cell * g.cell_elements();
+  const int64_t base = a.first * g.cell_elements();
   const ItemRange rg = item_range(base + it.begin, base + it.end, VEC);
-  const int64_t cell = a.first_cell + it.cell, c = (cell % a.c.groups) * g.segments + it.segment;
+  const int64_t cell = a.first + it.cell, c = (cell % a.c.groups) * g.segments + it.segment;
   const C r = C(a.c.rstd[cell]), mean = C(a.c.mean[cell]);
   const C mul = a.c.scale ? r * C(a.c.scale[c]) : r;
   const C add = a.c.bias ? C(a.c.bias[c]) : C(0);
@@ -528,7 +530,7 @@ __global__ void __launch_bounds__(kItemWarps * kWarp) cells_normalize_kernel(R x
 }
 
 template <class R, class RD, class C>
-__global__ void __launch_bounds__(kItemWarps * kWarp) cells_sums_kernel(R x, RD dy, CellsSumsArgs a) {
+__global__ void __launch_bounds__(kItemWarps * kWarp) cells_sums_kernel(R x, RD dy, Args<CellsGeometry, SumsFields> a) {
   constexpr int VEC = R::kVec;
   static_assert(RD::kVec == VEC, "x and dy readers differ in width");
   using Acc = AccumulatorOf<RD, C>;
@@ -538,9 +540,9 @@ __global__ void __launch_bounds__(kItemWarps * kWarp) cells_sums_kernel(R x, RD 
   if (item < 0) return;
   const int lane = threadIdx.x % kWarp;
   const CellsGeometry::Item it = g.item(item);
-  const int64_t base = a.first_cell * g.cell_elements();
+  const int64_t base = a.first * g.cell_elements();
   const ItemRange rg = item_range(base + it.begin, base + it.end, VEC);
-  const int64_t cell = a.first_cell + it.cell;
+  const int64_t cell = a.first + it.cell;
   const C mean = C(in.c.mean[cell]), rstd = C(in.c.rstd[cell]);
 
   double sum_dy = 0, sum_dyx = 0;
@@ -583,13 +585,13 @@ __global__ void __launch_bounds__(kItemWarps * kWarp) cells_sums_kernel(R x, RD 
   }
   sum_dy = warp_sum(sum_dy);
   sum_dyx = warp_sum(sum_dyx);
-  const auto write_partial = [&] { a.items[item] = SumPair{sum_dy, sum_dyx}; };
+  const auto write_partial = [&] { a.partials[item] = SumPair{sum_dy, sum_dyx}; };
   if (!last_arrival<Arrival::warp>(a.counters + it.cell, unsigned(g.items_per_cell()), write_partial)) return;
   const int64_t n = g.items_per_cell(), first = it.cell * n;
   const int64_t channel0 = (cell % in.c.groups) * g.segments;
   double A = 0, B = 0;
   for (int64_t i = lane; i < n; i += kWarp) {
-    const SumPair p = load_partial(a.items + first + i);
+    const SumPair p = load_partial(a.partials + first + i);
     const double scale = in.c.scale ? double(C(in.c.scale[channel0 + i / g.chunks])) : 1.0;
     A += scale * p.first;
     B += scale * p.second;
@@ -607,7 +609,7 @@ __global__ void __launch_bounds__(kItemWarps * kWarp) cells_sums_kernel(R x, RD 
 
 template <class R, class RD, class Wr, class C, bool MASKED>
 __global__ void __launch_bounds__(kItemWarps * kWarp)
-    cells_grad_kernel(R x, RD dy, Wr dx, CellsGeometry g, int64_t first_cell, GradArgs a) {
+    cells_grad_kernel(R x, RD dy, Wr dx, CellsGeometry g, int64_t first_cell, GradFields a) {
   constexpr int VEC = R::kVec;
   constexpr int UNROLL = kUnroll;
   static_assert(RD::kVec == VEC && Wr::kVec == VEC, "reader and writer widths differ");
@@ -741,6 +743,31 @@ void launch_kernel(Stream stream, const char* name, int64_t blocks, int threads,
   if (blocks <= 0) return;
   kernel<<<grid, threads, shared, stream>>>(args...);
   DISTGN_CUDA_CHECK_LAUNCH(name);
+}
+
+// f(k): a over the geometry of its form (a RowsGeometry or a CellsGeometry),
+// the arguments of that form's kernels. (The form is dispatched first, then
+// the dtypes and the mask: the kernels are instantiated in that order.)
+template <class F, class Fn>
+void with_form(const Args<Geometry, F>& a, Fn&& f) {
+  if (a.g.channel_rows) f(over(a, a.g.rows));
+  else f(over(a, a.g.cells));
+}
+
+// Is K (or the type it refers to) a family's arguments over a RowsGeometry?
+template <class K>
+constexpr bool over_rows() {
+  return std::is_same_v<decltype(std::decay_t<K>::g), RowsGeometry>;
+}
+
+// A kernel family's launch over k's geometry: pick(masked) names the
+// instantiation for the mask flag (a std::bool_constant), launched with
+// `shared` bytes of dynamic shared memory and the arguments args.
+template <class K, class Pick, class... A>
+void launch_family(Stream stream, const char* name, const K& k, bool masked, size_t shared, Pick pick,
+                   const A&... args) {
+  launch_kernel(stream, name, k.g.blocks(), k.g.block_threads(), shared,
+                masked ? pick(std::true_type{}) : pick(std::false_type{}), args...);
 }
 
 }  // namespace cuda

@@ -1,5 +1,6 @@
-// The CUDA kernels' entry points, one per kernel family, each dispatching
-// on dtypes: a typed, vectorised instantiation where the geometry's vec is
+// The CUDA kernels' entry points, one per kernel family over a Geometry of
+// either form (geometry.hpp: the form's kernel runs), each dispatching on
+// dtypes: a typed, vectorised instantiation where the geometry's vec is
 // 16 bytes' worth of the input dtype (and the dtype combination has one), the
 // generic scalar instantiation (run-time dtypes) where vec is 1. Plain C++:
 // the arguments are device pointers and the geometries of geometry.hpp; every
@@ -51,51 +52,51 @@ struct CoefficientsView {
 inline int full_vec(DType dtype) { return 16 / dtype_size(dtype); }
 
 // Do typed (vectorised) kernels exist for these dtypes? Otherwise the
-// generic ones run, with vec 1.
+// generic ones run, with vec 1. (Statistics have them for every dtype.)
 bool normalize_has_typed(DType x, DType y, DType compute);
 bool backward_has_typed(DType x, DType dy, DType compute);
+
+// The arguments of a kernel family: its fields F over a geometry G and the
+// launch's first slab (channel_rows) or first cell (contiguous_cells),
+// absolute. The host fills them over a Geometry (either form); the family's
+// entry point passes them on over the form's geometry (a RowsGeometry or a
+// CellsGeometry: the layout the kernels take).
+template <class G>
+struct Over {
+  G g;
+  int64_t first = 0;
+};
+template <class G, class F>
+struct Args : Over<G>, F {};
+
+// The same arguments over the form's geometry h.
+template <class H, class G, class F>
+Args<H, F> over(const Args<G, F>& a, const H& h) {
+  return Args<H, F>{Over<H>{h, a.first}, static_cast<const F&>(a)};
+}
 
 // ---- statistics ------------------------------------------------------------------
 // Per-block (per-item) partial moments; the last block of each slab (cell)
 // merges them in a fixed order into `moments` (if not null) and, with
-// `finalize`, into the cell state. `counters` (one per slab or cell of the
-// launch) must be zero and are left zero.
+// `finalize`, into the cell state. `counters` must be zero and are left zero.
 
-struct RowsStatsArgs {
-  RowsGeometry g;
-  int64_t first_slab = 0;
+struct StatsFields {
   const void* x = nullptr;
   DType x_dtype = DType::f32;
   const uint8_t* mask = nullptr;  // one byte per element, walking order, or null
-  CellMoments* partials = nullptr;  // g.blocks() * g.slots
-  unsigned* counters = nullptr;     // g.slabs
-  CellMoments* moments = nullptr;
+  CellMoments* partials = nullptr;  // g.partials()
+  unsigned* counters = nullptr;     // g.counters()
+  CellMoments* moments = nullptr;   // absolute cells, or null
   CellStateView state;
   bool finalize = false;
   FinalizeParams fin;
 };
-void rows_stats(Stream stream, const RowsStatsArgs& a);
-
-struct CellsStatsArgs {
-  CellsGeometry g;
-  int64_t first_cell = 0;
-  const void* x = nullptr;
-  DType x_dtype = DType::f32;
-  const uint8_t* mask = nullptr;
-  CellMoments* partials = nullptr;  // g.items()
-  unsigned* counters = nullptr;     // g.cells
-  CellMoments* moments = nullptr;
-  CellStateView state;
-  bool finalize = false;
-  FinalizeParams fin;
-};
-void cells_stats(Stream stream, const CellsStatsArgs& a);
+using StatsArgs = Args<Geometry, StatsFields>;
+void stats(Stream stream, const StatsArgs& a);
 
 // ---- normalisation -----------------------------------------------------------------
 
-struct RowsNormalizeArgs {
-  RowsGeometry g;
-  int64_t first_slab = 0;
+struct NormalizeFields {
   const void* x = nullptr;
   DType x_dtype = DType::f32;
   void* y = nullptr;
@@ -103,25 +104,13 @@ struct RowsNormalizeArgs {
   DType compute = DType::f32;
   CoefficientsView c;
 };
-void rows_normalize(Stream stream, const RowsNormalizeArgs& a);
-
-struct CellsNormalizeArgs {
-  CellsGeometry g;
-  int64_t first_cell = 0;
-  const void* x = nullptr;
-  DType x_dtype = DType::f32;
-  void* y = nullptr;
-  DType y_dtype = DType::f32;
-  DType compute = DType::f32;
-  CoefficientsView c;
-};
-void cells_normalize(Stream stream, const CellsNormalizeArgs& a);
+using NormalizeArgs = Args<Geometry, NormalizeFields>;
+void normalize(Stream stream, const NormalizeArgs& a);
 
 // ---- backward ------------------------------------------------------------------------
-// Sums: per block, per column (dy, dy * xhat) into block_cols and per cell of
-// the tile (A, B) into block_cells; the last block of a slab (the last warp of
-// a cell) writes each cell's (A, B) into cell_sums and, when `terms` is not
-// null, (a, b) = (A / n, B / n or 0 where clamped) into terms.
+// Sums: per block (item) partial sums; the last block of a slab (the last
+// warp of a cell) writes each cell's (A, B) into cell_sums and, when `terms`
+// is not null, (a, b) = (A / n, B / n or 0 where clamped) into terms.
 
 struct BackwardInputs {
   const void* x = nullptr;
@@ -134,45 +123,33 @@ struct BackwardInputs {
   const double* clamped = nullptr;
 };
 
-struct RowsSumsArgs {
-  RowsGeometry g;
-  int64_t first_slab = 0;
+struct SumsFields {
   BackwardInputs in;
-  SumPair* block_cols = nullptr;   // g.blocks() * g.tile_cols
-  SumPair* block_cells = nullptr;  // g.blocks() * g.slots
-  unsigned* counters = nullptr;    // g.slabs
-  SumPair* cell_sums = nullptr;    // absolute cells
-  SumPair* terms = nullptr;        // absolute cells, or null
+  // channel_rows: per block, (sum dy, sum dy * xhat) per column of its tile
+  // in `columns` and (A, B) per cell of its tile in `partials`;
+  // contiguous_cells: (sum dy, sum dy * xhat) per item in `partials`.
+  SumPair* columns = nullptr;    // g.column_partials()
+  SumPair* partials = nullptr;   // g.partials()
+  unsigned* counters = nullptr;  // g.counters()
+  SumPair* cell_sums = nullptr;  // absolute cells
+  SumPair* terms = nullptr;      // absolute cells, or null
 };
-void rows_sums(Stream stream, const RowsSumsArgs& a);
+using SumsArgs = Args<Geometry, SumsFields>;
+void sums(Stream stream, const SumsArgs& a);
 
-struct CellsSumsArgs {
-  CellsGeometry g;
-  int64_t first_cell = 0;
-  BackwardInputs in;
-  SumPair* items = nullptr;      // g.items(): (sum dy, sum dy * xhat)
-  unsigned* counters = nullptr;  // g.cells
-  SumPair* cell_sums = nullptr;
-  SumPair* terms = nullptr;
-};
-void cells_sums(Stream stream, const CellsSumsArgs& a);
+// After sums(stream, a): channel_sums[c] (+)= sum of dy, channel_sums[C + c]
+// (+)= sum of dy * xhat over a's partials (fixed order), C = a.in.c.channels:
+// added with `accumulate`, else assigned.
+void channel_sums(Stream stream, const SumsArgs& a, double* channel_sums, bool accumulate);
 
-// channel_sums[c] (+)= sum of dy, channel_sums[C + c] (+)= sum of dy * xhat
-// over the launch's partials (fixed order): added with `accumulate`, else
-// assigned.
-void rows_channel_sums(Stream stream, const RowsGeometry& g, int64_t channels, const SumPair* block_cols,
-                       double* channel_sums, bool accumulate);
-void cells_channel_sums(Stream stream, const CellsGeometry& g, int64_t first_cell, int64_t groups,
-                        int64_t channels, const SumPair* items, double* channel_sums, bool accumulate);
-
-struct GradArgs {
+struct GradFields {
   BackwardInputs in;
   const uint8_t* mask = nullptr;
   const SumPair* terms = nullptr;  // absolute cells: (a, b)
   void* dx = nullptr;              // x's dtype
 };
-void rows_input_grad(Stream stream, const RowsGeometry& g, int64_t first_slab, const GradArgs& a);
-void cells_input_grad(Stream stream, const CellsGeometry& g, int64_t first_cell, const GradArgs& a);
+using GradArgs = Args<Geometry, GradFields>;
+void input_grad(Stream stream, const GradArgs& a);
 
 // ---- small kernels ---------------------------------------------------------------------
 

@@ -19,29 +19,23 @@ struct NormalizeTypes {
 
 bool normalize_has_typed(DType x, DType y, DType compute) { return has_typed<NormalizeTypes>(x, y, compute); }
 
-void rows_normalize(Stream stream, const RowsNormalizeArgs& a) {
-  if (a.g.rows == 0) return;
-  with_kernel_types<NormalizeTypes>("normalize", a.g.vec, a.x_dtype, a.y_dtype, a.compute, [&](auto t, auto u, auto c) {
-    using T = decltype(t);
-    using Y = decltype(u);
-    using C = decltype(c);
-    constexpr int VEC = vec_of<T>();
-    launch_kernel(stream, "rows_normalize", a.g.blocks(), a.g.block_threads(), 0,
-                  &rows_normalize_kernel<Reader<T, VEC>, Writer<Y, VEC>, C>, reader<T, VEC>(a.x, a.x_dtype),
-                  writer<Y, VEC>(a.y, a.y_dtype), a);
-  });
-}
-
-void cells_normalize(Stream stream, const CellsNormalizeArgs& a) {
-  if (a.g.inner == 0) return;
-  with_kernel_types<NormalizeTypes>("normalize", a.g.vec, a.x_dtype, a.y_dtype, a.compute, [&](auto t, auto u, auto c) {
-    using T = decltype(t);
-    using Y = decltype(u);
-    using C = decltype(c);
-    constexpr int VEC = vec_of<T>();
-    launch_kernel(stream, "cells_normalize", a.g.blocks(), a.g.block_threads(), 0,
-                  &cells_normalize_kernel<Reader<T, VEC>, Writer<Y, VEC>, C>, reader<T, VEC>(a.x, a.x_dtype),
-                  writer<Y, VEC>(a.y, a.y_dtype), a);
+void normalize(Stream stream, const NormalizeArgs& a) {
+  if (!a.g.has_elements()) return;
+  with_form(a, [&](const auto& k) {
+    using K = decltype(k);
+    const int vec = a.g.vec();
+    with_kernel_types<NormalizeTypes>("normalize", vec, a.x_dtype, a.y_dtype, a.compute, [&](auto t, auto u, auto c) {
+      using T = decltype(t);
+      using Y = decltype(u);
+      using C = decltype(c);
+      constexpr int VEC = vec_of<T>();
+      using R = Reader<T, VEC>;
+      using Wr = Writer<Y, VEC>;
+      launch_family(stream, "normalize", k, false, 0, [](auto) {
+        if constexpr (over_rows<K>()) return &rows_normalize_kernel<R, Wr, C>;
+        else return &cells_normalize_kernel<R, Wr, C>;
+      }, reader<T, VEC>(a.x, a.x_dtype), writer<Y, VEC>(a.y, a.y_dtype), k);
+    });
   });
 }
 

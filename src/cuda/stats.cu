@@ -1,23 +1,10 @@
-// Statistics kernels: dispatch on the input dtype (typed and vectorised for
-// every dtype, or generic with vec 1) and on the mask.
+// Statistics kernels: dispatch on the form, the input dtype (typed and
+// vectorised for every dtype, or generic with vec 1) and the mask.
 #include "cuda/kernels.cuh"
 
 namespace distgn {
 namespace cuda {
 namespace {
-
-template <class R>
-void launch_rows_stats(Stream stream, R x, const RowsStatsArgs& a) {
-  const size_t shared = size_t(3 * a.g.tile_cols + (a.mask ? a.g.slots : 0)) * sizeof(double);
-  launch_kernel(stream, "rows_stats", a.g.blocks(), a.g.block_threads(), shared,
-                a.mask ? &rows_stats_kernel<R, true> : &rows_stats_kernel<R, false>, x, a);
-}
-
-template <class R>
-void launch_cells_stats(Stream stream, R x, const CellsStatsArgs& a) {
-  launch_kernel(stream, "cells_stats", a.g.blocks(), a.g.block_threads(), 0,
-                a.mask ? &cells_stats_kernel<R, true> : &cells_stats_kernel<R, false>, x, a);
-}
 
 // Statistics read x alone (their sums are in x's wide type): typed for
 // every storage type, dispatched with x's dtype twice and float compute.
@@ -30,17 +17,19 @@ struct StatsTypes {
 
 }  // namespace
 
-void rows_stats(Stream stream, const RowsStatsArgs& a) {
-  with_kernel_types<StatsTypes>("statistics", a.g.vec, a.x_dtype, a.x_dtype, DType::f32, [&](auto t, auto, auto) {
-    using T = decltype(t);
-    launch_rows_stats(stream, reader<T, vec_of<T>()>(a.x, a.x_dtype), a);
-  });
-}
-
-void cells_stats(Stream stream, const CellsStatsArgs& a) {
-  with_kernel_types<StatsTypes>("statistics", a.g.vec, a.x_dtype, a.x_dtype, DType::f32, [&](auto t, auto, auto) {
-    using T = decltype(t);
-    launch_cells_stats(stream, reader<T, vec_of<T>()>(a.x, a.x_dtype), a);
+void stats(Stream stream, const StatsArgs& a) {
+  with_form(a, [&](const auto& k) {
+    using K = decltype(k);
+    size_t shared = 0;
+    if constexpr (over_rows<K>()) shared = size_t(3 * k.g.tile_cols + (a.mask ? k.g.slots : 0)) * sizeof(double);
+    with_kernel_types<StatsTypes>("statistics", a.g.vec(), a.x_dtype, a.x_dtype, DType::f32, [&](auto t, auto, auto) {
+      using T = decltype(t);
+      using R = Reader<T, vec_of<T>()>;
+      launch_family(stream, "statistics", k, a.mask != nullptr, shared, [](auto masked) {
+        if constexpr (over_rows<K>()) return &rows_stats_kernel<R, decltype(masked)::value>;
+        else return &cells_stats_kernel<R, decltype(masked)::value>;
+      }, reader<T, vec_of<T>()>(a.x, a.x_dtype), k);
+    });
   });
 }
 
