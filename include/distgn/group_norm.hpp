@@ -15,7 +15,11 @@ struct CUstream_st;  // CUDA's stream: cudaStream_t is CUstream_st*
 
 namespace distgn {
 
-class CellStatistics;  // a backend's per-cell arrays (src/core/backend.hpp)
+// Internals of src/core/backend.hpp: a backend, its per-cell arrays and a
+// call's arrays in its walking order.
+class Backend;
+class CellStatistics;
+struct KernelInputs;
 
 // What forward saves for backward: the plan and, per cell, the statistics
 // the outputs were made with, kept where x is (host or device memory).
@@ -151,6 +155,9 @@ class GroupNorm {
   std::string check_backward(const TensorView& x, const TensorView& dy, const MaskView* mask,
                              const ForwardState& state, const TensorView* dx, const TensorView* dscale,
                              const TensorView* dbias) const;
+  // The set-up shared by forward() and forward_finish() (group_norm.cpp).
+  Backend& begin_forward(const TensorView& x, const TensorView& y, const MaskView* mask, ForwardState& state,
+                         KernelInputs& in, void*& out);
   // The parameters in double, for the kernels' coefficients; created from
   // the initializers for `channels` on the first call that needs them.
   void load_parameters(int64_t channels, std::vector<double>& scale, std::vector<double>& bias);

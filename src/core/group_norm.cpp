@@ -364,6 +364,22 @@ std::string GroupNorm::check_backward(const TensorView& x, const TensorView& dy,
   return {};
 }
 
+// The set-up of a checked forward call (plan_for has resolved ws.plan): the
+// parameters, the backend with x and the mask in its walking order, where y
+// is written, and the state's per-cell arrays.
+Backend& GroupNorm::begin_forward(const TensorView& x, const TensorView& y, const MaskView* mask, ForwardState& state,
+                                  KernelInputs& in, void*& out) {
+  Workspace& ws = *workspace_;
+  const Plan& plan = ws.plan;
+  load_parameters(plan.channels, ws.scale, ws.bias);
+  Backend& backend = ws.begin(plan, x, mask, nullptr, config_.use_scale ? ws.scale.data() : nullptr,
+                              config_.use_bias ? ws.bias.data() : nullptr, stream_, in);
+  out = backend.output(plan, y.data, plan.output_dtype);
+  state.plan_ = plan;
+  state.cells_ = backend.cell_statistics(std::move(state.cells_), plan.num_cells);
+  return backend;
+}
+
 void GroupNorm::forward(const TensorView& x, const TensorView& y, const MaskView* mask,
                         ForwardState* state_out) {
   Workspace& ws = *workspace_;
@@ -379,13 +395,9 @@ void GroupNorm::forward(const TensorView& x, const TensorView& y, const MaskView
   const Plan& plan = ws.plan;
   input.signature = ws.signature;  // a view: no copy per call
   input.num_cells = plan.num_cells;
-  load_parameters(plan.channels, ws.scale, ws.bias);
   KernelInputs in;
-  Backend& backend = ws.begin(plan, x, mask, nullptr, config_.use_scale ? ws.scale.data() : nullptr,
-                              config_.use_bias ? ws.bias.data() : nullptr, stream_, in);
-  void* out = backend.output(plan, y.data, plan.output_dtype);
-  state.plan_ = plan;
-  state.cells_ = backend.cell_statistics(std::move(state.cells_), plan.num_cells);
+  void* out = nullptr;
+  Backend& backend = begin_forward(x, y, mask, state, in, out);
   CellStatistics& stats = *state.cells_;
   const FinalizeParams finalize{config_.epsilon, config_.use_fast_variance, plan.stats_dtype};
 
@@ -500,13 +512,9 @@ void GroupNorm::forward_finish(const TensorView& x, const TensorView& y, const M
   const Plan& plan = ws.plan;
   if (ranks < 1 || (!gathered && plan.num_cells > 0))
     throw Error("forward_finish needs the partial statistics of at least one rank, got " + std::to_string(ranks));
-  load_parameters(plan.channels, ws.scale, ws.bias);
   KernelInputs in;
-  Backend& backend = ws.begin(plan, x, mask, nullptr, config_.use_scale ? ws.scale.data() : nullptr,
-                              config_.use_bias ? ws.bias.data() : nullptr, stream_, in);
-  void* out = backend.output(plan, y.data, plan.output_dtype);
-  state.plan_ = plan;
-  state.cells_ = backend.cell_statistics(std::move(state.cells_), plan.num_cells);
+  void* out = nullptr;
+  Backend& backend = begin_forward(x, y, mask, state, in, out);
   const FinalizeParams finalize{config_.epsilon, config_.use_fast_variance, plan.stats_dtype};
   ws.moments.resize(size_t(plan.num_cells));
   merge_in_rank_order(gathered, size_t(3 * plan.num_cells), ranks, plan.num_cells, ws.moments.data());
