@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cstring>
 #include <initializer_list>
-#include <type_traits>
 
 #include "core/element.hpp"
 #include "cuda/cuda_check.hpp"

@@ -112,7 +112,5 @@ void device_copy(void* dst, const void* src, size_t bytes, CUstream_st* stream) 
   if (bytes) DISTGN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
 }
 
-void synchronize(CUstream_st* stream) { DISTGN_CUDA_CHECK(cudaStreamSynchronize(stream)); }
-
 }  // namespace cuda
 }  // namespace distgn

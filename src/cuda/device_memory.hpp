@@ -98,7 +98,6 @@ class EventTimer {
 
 // Asynchronous device-to-device copy on `stream`.
 void device_copy(void* dst, const void* src, size_t bytes, CUstream_st* stream);
-void synchronize(CUstream_st* stream);
 
 }  // namespace cuda
 }  // namespace distgn
