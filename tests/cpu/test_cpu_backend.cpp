@@ -1,6 +1,6 @@
 // The CPU backend picks its channels-last kernels by the size of a call:
 // register blocks of rows when the input is cache-resident (at most 4 MiB),
-// row by row above that (cpu/tuning.hpp, kCacheResidentBytes). A batch too
+// row by row above that (cpu_backend.cpp, kCacheResidentBytes). A batch too
 // large to be resident must give what its samples give one at a time, each
 // small enough to be resident, up to the rounding of differently grouped
 // sums: forward, dx and the parameter gradients.
