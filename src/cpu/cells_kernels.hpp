@@ -135,7 +135,11 @@ void stats_contiguous(Scratch& scratch, const KernelInputs& in, CellRange cells,
   const Chunking ch = chunking(p, cells);
   CellMoments* chunk_moments = scratch.chunk_moments(size_t(ch.count));
   const T* x = static_cast<const T*>(in.x);
-  for_each_chunk(scratch, ch, [&](int64_t k, int64_t cell, int64_t e0, int64_t e1) {
+  scratch.reserve_threads();
+#pragma omp parallel for schedule(static)
+  for (int64_t k = 0; k < ch.count; ++k) {
+    const int64_t cell = cells.begin + k / ch.per_group;
+    const int64_t e0 = (k % ch.per_group) * ch.step, e1 = std::min(length, e0 + ch.step);
     const int64_t base = cell * length;
     const double shift = first_valid(x, in.mask, base + e0, e1 - e0, 1);
     double sum = 0, sum_sq = 0, count = double(e1 - e0);
@@ -165,8 +169,13 @@ void stats_contiguous(Scratch& scratch, const KernelInputs& in, CellRange cells,
       });
     }
     chunk_moments[k] = moments_from_shifted_sums(count, shift, sum, sum_sq);
-  });
-  merge_chunk_moments(ch, cells, chunk_moments, moments);
+  }
+  for (int64_t i = 0; i < cells.size(); ++i) {
+    CellMoments m{0, 0, 0};
+    for (int64_t c = 0; c < ch.per_group; ++c)
+      m = merge_moments(m, chunk_moments[i * ch.per_group + c]);
+    moments[cells.begin + i] = m;
+  }
 }
 
 template <class T, class Y, class C>
@@ -174,8 +183,13 @@ void normalize_contiguous(Scratch& scratch, const KernelInputs& in, CellRange ce
                           Y* y) {
   const Plan& p = *in.plan;
   const int64_t length = p.cell_elements;
+  const Chunking ch = chunking(p, cells);
   const T* x = static_cast<const T*>(in.x);
-  for_each_chunk(scratch, chunking(p, cells), [&](int64_t, int64_t cell, int64_t e0, int64_t e1) {
+  scratch.reserve_threads();
+#pragma omp parallel for schedule(static)
+  for (int64_t k = 0; k < ch.count; ++k) {
+    const int64_t cell = cells.begin + k / ch.per_group;
+    const int64_t e0 = (k % ch.per_group) * ch.step, e1 = std::min(length, e0 + ch.step);
     const int64_t base = cell * length;
     const C mean = C(coef.mean[cell]), r = C(coef.rstd[cell]);
     float* stage = scratch.thread_stage(size_t(2 * kRunBlock));
@@ -190,7 +204,7 @@ void normalize_contiguous(Scratch& scratch, const KernelInputs& in, CellRange ce
         commit_output(ys, y + base + first + b0, b1 - b0);
       });
     });
-  });
+  }
 }
 
 template <class T, class D, class C>
@@ -203,7 +217,11 @@ void backward_sums_contiguous(Scratch& scratch, const KernelInputs& in, const D*
   const int64_t stride = 2 + 2 * S;
   double* chunk_sums = scratch.chunk_sums(size_t(ch.count * stride));
   const T* x = static_cast<const T*>(in.x);
-  for_each_chunk(scratch, ch, [&](int64_t k, int64_t cell, int64_t e0, int64_t e1) {
+  scratch.reserve_threads();
+#pragma omp parallel for schedule(static)
+  for (int64_t k = 0; k < ch.count; ++k) {
+    const int64_t cell = cells.begin + k / ch.per_group;
+    const int64_t e0 = (k % ch.per_group) * ch.step, e1 = std::min(length, e0 + ch.step);
     const int64_t base = cell * length, group = cell % p.num_groups;
     const C mean = C(coef.mean[cell]), r = C(coef.rstd[cell]);
     double* out = chunk_sums + k * stride;
@@ -226,7 +244,7 @@ void backward_sums_contiguous(Scratch& scratch, const KernelInputs& in, const D*
       out[2 + (c - group * S)] += sum_dy;
       out[2 + S + (c - group * S)] += sum_dy_xhat;
     });
-  });
+  }
   std::fill(cell_sums + 2 * cells.begin, cell_sums + 2 * cells.end, 0.0);
   for (int64_t k = 0; k < ch.count; ++k) {
     const double* part = chunk_sums + k * stride;
@@ -245,8 +263,13 @@ void input_grad_contiguous(Scratch& scratch, const KernelInputs& in, const D* dy
                            const Coefficients& coef, const double* cell_terms, T* dx) {
   const Plan& p = *in.plan;
   const int64_t length = p.cell_elements;
+  const Chunking ch = chunking(p, cells);
   const T* x = static_cast<const T*>(in.x);
-  for_each_chunk(scratch, chunking(p, cells), [&](int64_t, int64_t cell, int64_t e0, int64_t e1) {
+  scratch.reserve_threads();
+#pragma omp parallel for schedule(static)
+  for (int64_t k = 0; k < ch.count; ++k) {
+    const int64_t cell = cells.begin + k / ch.per_group;
+    const int64_t e0 = (k % ch.per_group) * ch.step, e1 = std::min(length, e0 + ch.step);
     const int64_t base = cell * length;
     const C mean = C(coef.mean[cell]), r = C(coef.rstd[cell]);
     const C a = C(cell_terms[2 * cell]), b = C(cell_terms[2 * cell + 1]);
@@ -278,7 +301,7 @@ void input_grad_contiguous(Scratch& scratch, const KernelInputs& in, const D* dy
         commit_output(dxs, dx + at, n);
       });
     });
-  });
+  }
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
-// How the CPU kernels of both forms cut a cell range into fixed-size chunks
-// and run them over the OpenMP threads, so that results do not depend on
-// the thread count, and the scratch the chunks reuse. Included only by
+// How the CPU kernels of both forms cut a cell range into fixed-size chunks,
+// so that results do not depend on the thread count, and the scratch the
+// chunks reuse. Included only by
 // cpu_backend.cpp (through the kernel headers).
 #pragma once
 
@@ -97,17 +97,13 @@ class Scratch {
 };
 
 // How a cell range is cut into chunks of about kChunkElements.
-//  channel_rows: chunk k covers rows [r0, r1) of slab first + k / per_group;
-//    a slab is one `outer` index, cells_per_row cells.
-//  contiguous_cells: chunk k covers elements [e0, e1) of cell first + k /
-//    per_group.
+//  channel_rows: chunk k covers rows [r0, r1) of slab (k / per_slab); a slab
+//    is one `outer` index, cells_per_row cells.
+//  contiguous_cells: chunk k covers elements [e0, e1) of cell (k / per_cell).
 struct Chunking {
   int64_t count = 0;
   int64_t per_group = 0;  // chunks per slab (rows) or per cell (contiguous)
   int64_t step = 0;       // rows or elements per chunk
-  int64_t first = 0;      // the range's first slab (rows) or cell (contiguous)
-  int64_t extent = 0;     // rows per slab or elements per cell
-  int64_t cells = 1;      // cells a chunk's rows cross: cells_per_row (rows) or 1
 };
 
 inline Chunking chunking(const Plan& plan, CellRange cells) {
@@ -119,47 +115,14 @@ inline Chunking chunking(const Plan& plan, CellRange cells) {
     c.per_group = parts.count;
     c.step = parts.size;
     c.count = slabs * c.per_group;
-    c.first = cells.begin / plan.cells_per_row;
-    c.extent = plan.rows;
-    c.cells = plan.cells_per_row;
   } else {
     // At least one chunk per cell, so that an empty cell still gets its (empty) moments.
     const EqualParts parts = equal_parts(plan.cell_elements, kChunkElements);
     c.per_group = std::max<int64_t>(1, parts.count);
     c.step = parts.size;
     c.count = cells.size() * c.per_group;
-    c.first = cells.begin;
-    c.extent = plan.cell_elements;
   }
   return c;
-}
-
-// Calls f(k, group, begin, end) for every chunk k over the OpenMP threads:
-// rows (channel_rows) or elements (contiguous_cells) [begin, end) of slab
-// or cell `group`.
-template <class F>
-void for_each_chunk(Scratch& scratch, const Chunking& ch, F&& f) {
-  scratch.reserve_threads();
-#pragma omp parallel for schedule(static)
-  for (int64_t k = 0; k < ch.count; ++k) {
-    const int64_t group = ch.first + k / ch.per_group;
-    const int64_t begin = (k % ch.per_group) * ch.step, end = std::min(ch.extent, begin + ch.step);
-    f(k, group, begin, end);
-  }
-}
-
-// moments[cell] for the cells of `cells`: the moments of the cell's chunks
-// (chunk_moments[chunk * ch.cells + the cell's index in the chunk's rows]),
-// merged in chunk order.
-inline void merge_chunk_moments(const Chunking& ch, CellRange cells, const CellMoments* chunk_moments,
-                                CellMoments* moments) {
-  for (int64_t i = 0; i < cells.size(); ++i) {
-    const int64_t group = i / ch.cells, q = i % ch.cells;
-    CellMoments m{0, 0, 0};
-    for (int64_t c = 0; c < ch.per_group; ++c)
-      m = merge_moments(m, chunk_moments[(group * ch.per_group + c) * ch.cells + q]);
-    moments[cells.begin + i] = m;
-  }
 }
 
 }  // namespace

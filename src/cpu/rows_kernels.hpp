@@ -191,17 +191,25 @@ void fill_row_coefficients(const Plan& p, const Coefficients& coef, const double
   rc.slab = slab;
 }
 
-// Calls f(k, slab, r0, r1, rc) for every chunk k (rows [r0, r1) of one
-// slab) over the OpenMP threads; rc holds the slab's per-column
+// Calls f(k, slab, r0, r1, rc) for every chunk k of `cells` (rows [r0, r1)
+// of one slab) over the OpenMP threads; rc holds the slab's per-column
 // coefficients, refilled only when a thread moves to another slab.
 template <class C, class F>
-void for_each_row_chunk(Scratch& scratch, const Plan& p, const Coefficients& coef, const double* cell_terms,
-                        const Chunking& ch, F&& f) {
-  for_each_chunk(scratch, ch, [&](int64_t k, int64_t slab, int64_t r0, int64_t r1) {
+void for_each_row_chunk(Scratch& scratch, const Plan& p, CellRange cells, const Coefficients& coef,
+                        const double* cell_terms, const Chunking& ch, F&& f) {
+  scratch.reserve_threads();
+  const int64_t first_slab = cells.begin / p.cells_per_row;
+#pragma omp parallel
+  {
     RowCoefficients<C>& rc = scratch.row_coefficients<C>();
-    if (rc.slab != slab) fill_row_coefficients(p, coef, cell_terms, slab, rc);
-    f(k, slab, r0, r1, rc);
-  });
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const int64_t slab = first_slab + k / ch.per_group;
+      const int64_t r0 = (k % ch.per_group) * ch.step, r1 = std::min(p.rows, r0 + ch.step);
+      if (rc.slab != slab) fill_row_coefficients(p, coef, cell_terms, slab, rc);
+      f(k, slab, r0, r1, rc);
+    }
+  }
 }
 
 template <class T, class A>
@@ -209,10 +217,15 @@ void stats_rows(Scratch& scratch, const KernelInputs& in, CellRange cells, CellM
   const Plan& p = *in.plan;
   const int64_t width = p.row_width, per_row = p.cells_per_row, S = p.group_size;
   const Chunking ch = chunking(p, cells);
+  const int64_t first_slab = cells.begin / per_row;
   CellMoments* chunk_moments = scratch.chunk_moments(size_t(ch.count * per_row));
   const T* x = static_cast<const T*>(in.x);
   const bool register_blocks = width <= kNarrowRow || cache_resident(p);
-  for_each_chunk(scratch, ch, [&](int64_t k, int64_t slab, int64_t r0, int64_t r1) {
+  scratch.reserve_threads();
+#pragma omp parallel for schedule(static)
+  for (int64_t k = 0; k < ch.count; ++k) {
+    const int64_t slab = first_slab + k / ch.per_group;
+    const int64_t r0 = (k % ch.per_group) * ch.step, r1 = std::min(p.rows, r0 + ch.step);
     const int64_t base = (slab * p.rows + r0) * width;
     double* thread_scratch = scratch.thread_scratch(size_t(4 * width));
     double *shift = thread_scratch, *sum = thread_scratch + width, *sum_sq = sum + width, *count = sum_sq + width;
@@ -257,8 +270,14 @@ void stats_rows(Scratch& scratch, const KernelInputs& in, CellRange cells, CellM
       }
       chunk_moments[k * per_row + q] = moments_from_shifted_sums(n, shift[q * S], s1, s2);
     }
-  });
-  merge_chunk_moments(ch, cells, chunk_moments, moments);
+  }
+  for (int64_t i = 0; i < cells.size(); ++i) {
+    const int64_t slab = i / per_row, q = i % per_row;
+    CellMoments m{0, 0, 0};
+    for (int64_t c = 0; c < ch.per_group; ++c)
+      m = merge_moments(m, chunk_moments[(slab * ch.per_group + c) * per_row + q]);
+    moments[cells.begin + i] = m;
+  }
 }
 
 template <class T, class Y, class C>
@@ -267,7 +286,7 @@ void normalize_rows(Scratch& scratch, const KernelInputs& in, CellRange cells, c
   const int64_t width = p.row_width;
   const T* x = static_cast<const T*>(in.x);
   const bool stream = streams_output<Y>(p), resident = cache_resident(p);
-  for_each_row_chunk<C>(scratch, p, coef, nullptr, chunking(p, cells),
+  for_each_row_chunk<C>(scratch, p, cells, coef, nullptr, chunking(p, cells),
                         [&](int64_t, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
     const C *mean = rc.mean.data(), *mul = rc.mul.data(), *bias = rc.bias.data();
     if (resident) {
@@ -312,7 +331,7 @@ void backward_sums_rows(Scratch& scratch, const KernelInputs& in, const D* dy, C
   double* chunk_sums = scratch.chunk_sums(size_t(ch.count * stride));
   const T* x = static_cast<const T*>(in.x);
   const bool register_blocks = cache_resident(p);
-  for_each_row_chunk<C>(scratch, p, coef, nullptr, ch,
+  for_each_row_chunk<C>(scratch, p, cells, coef, nullptr, ch,
                         [&](int64_t k, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
     double* thread_scratch = scratch.thread_scratch(size_t(2 * width));
     double *sum_dy = thread_scratch, *sum_dy_xhat = thread_scratch + width;
@@ -358,7 +377,7 @@ void input_grad_rows(Scratch& scratch, const KernelInputs& in, const D* dy, Cell
   const int64_t width = p.row_width;
   const T* x = static_cast<const T*>(in.x);
   const bool resident = cache_resident(p);
-  for_each_row_chunk<C>(scratch, p, coef, cell_terms, chunking(p, cells),
+  for_each_row_chunk<C>(scratch, p, cells, coef, cell_terms, chunking(p, cells),
                         [&](int64_t, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
     const C *mean = rc.mean.data(), *mul = rc.mul.data();
     const C *centered_coef = rc.centered_coef.data(), *offset = rc.offset.data();
