@@ -1,33 +1,29 @@
-// The CPU backend: the Backend steps of core/backend.hpp for host tensors.
-// This file holds the class (the steps, the walking order of a call's
-// arrays, the dispatch on dtype and form, the scratch it owns); the kernels
-// are in cpu/rows_kernels.hpp (Plan::Form::channel_rows) and
-// cpu/cells_kernels.hpp (contiguous_cells), over chunks of a cell range
-// (cpu/chunks.hpp) so that results do not depend on the thread count.
-// Partial sums run in float over small blocks and accumulate in double (see
-// cpu/tuning.hpp); the elementwise arithmetic (cpu/formulas.hpp) runs in the
-// plan's compute dtype (semantics §6, §9).
+// The CPU backend: OpenMP over fixed-size chunks of a cell range, so results
+// do not depend on the thread count. Partial sums run in float over small
+// blocks and accumulate in double (see cpu/tuning.hpp); the elementwise
+// arithmetic runs in the plan's compute dtype (semantics §6, §9).
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "core/backend.hpp"
 #include "core/dtype_dispatch.hpp"
 #include "core/equal_parts.hpp"
-#include "cpu/cells_kernels.hpp"
-#include "cpu/chunks.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "cpu/formulas.hpp"
-#include "cpu/rows_kernels.hpp"
+#include "cpu/half_rows.hpp"
+#include "cpu/stream_rows.hpp"
 #include "cpu/tuning.hpp"
 
 namespace distgn {
 namespace {
 
-using cpu::Coefficients;
-using cpu::kFusedBlockElements;
+using namespace cpu;  // the tuning constants and the formulas (cpu/tuning.hpp, cpu/formulas.hpp)
 
 // The mask expanded to one byte per element of x (numpy broadcasting).
 void broadcast_mask(const Plan& plan, const MaskView& mask, std::vector<uint8_t>& out) {
@@ -49,6 +45,344 @@ void broadcast_mask(const Plan& plan, const MaskView& mask, std::vector<uint8_t>
     for (size_t d = rank; d-- > 0;) {
       if (++index[d] < x[d]) break;
       index[d] = 0;
+    }
+  }
+}
+
+inline float widen(float v) { return v; }
+inline double widen(double v) { return v; }
+inline float widen(half_t v) { return to_float(v); }
+inline float widen(bfloat16_t v) { return to_float(v); }
+
+template <class T, class C>
+inline T narrow(C v) {
+  if constexpr (std::is_same_v<T, half_t>) return to_half(float(v));
+  else if constexpr (std::is_same_v<T, bfloat16_t>) return to_bfloat16(float(v));
+  else return T(v);
+}
+
+// float16 rows pass through float scratch converted by the F16C
+// instructions where the target has them (cpu/half_rows.hpp): GCC does not
+// vectorise the portable conversions well inside the kernels' loops (a
+// float16 backward measured 1.6x slower than float32 per element).
+template <class T>
+struct Staged {
+  using type = T;
+};
+#if defined(__F16C__)
+template <>
+struct Staged<half_t> {
+  using type = float;
+};
+#endif
+template <class T>
+using staged_t = typename Staged<T>::type;
+
+// Rows staged per conversion when T or D is staged: kStageElements' worth
+// of rows, at least one. 1 when nothing is staged.
+template <class T, class D = T>
+inline int64_t stage_rows_of([[maybe_unused]] int64_t width) {
+  if constexpr (std::is_same_v<staged_t<T>, T> && std::is_same_v<staged_t<D>, D>) return 1;
+  else return std::max<int64_t>(1, kStageElements / std::max<int64_t>(width, 1));
+}
+
+// n elements at src as the kernels read them: src itself, or (float16)
+// converted into `buffer`.
+template <class T>
+const staged_t<T>* staged_input(const T* src, [[maybe_unused]] int64_t n, [[maybe_unused]] float* buffer) {
+  if constexpr (std::is_same_v<staged_t<T>, T>) return src;
+  else {
+    widen_row(src, buffer, n);
+    return buffer;
+  }
+}
+
+// Whether the kernels stream their output of type Y for this plan: float32
+// only (the other types are written in their own type from registers), and
+// only outputs larger than kStreamedOutputBytes.
+template <class Y>
+bool streams_output(const Plan& p) {
+  return std::is_same_v<Y, float> && stream_rows_in_hardware() &&
+         p.num_cells * p.cell_elements * int64_t(sizeof(float)) > kStreamedOutputBytes;
+}
+
+// Where the kernels write n elements bound for dst: dst itself, or
+// `buffer`, which commit_output then converts (float16) or streams (float
+// with `stream`) into dst. A chunk that streamed ends with stream_fence().
+template <class T>
+staged_t<T>* staged_output(T* dst, [[maybe_unused]] float* buffer, [[maybe_unused]] bool stream = false) {
+  if constexpr (!std::is_same_v<staged_t<T>, T>) return buffer;
+  else if constexpr (std::is_same_v<T, float>) return stream ? buffer : dst;
+  else return dst;
+}
+template <class T>
+void commit_output([[maybe_unused]] const staged_t<T>* staged, [[maybe_unused]] T* dst,
+                   [[maybe_unused]] int64_t n, [[maybe_unused]] bool stream = false) {
+  if constexpr (!std::is_same_v<staged_t<T>, T>) narrow_row(staged, dst, n);
+  else if constexpr (std::is_same_v<T, float>) {
+    if (stream) stream_row(staged, dst, n);
+  }
+}
+
+// How a cell range is cut into chunks.
+//  channel_rows: chunk k covers rows [r0, r1) of slab (k / per_slab); a slab
+//    is one `outer` index, cells_per_row cells.
+//  contiguous_cells: chunk k covers elements [e0, e1) of cell (k / per_cell).
+struct Chunking {
+  int64_t count = 0;
+  int64_t per_group = 0;  // chunks per slab (rows) or per cell (contiguous)
+  int64_t step = 0;       // rows or elements per chunk
+};
+
+Chunking chunking(const Plan& plan, CellRange cells) {
+  Chunking c;
+  if (plan.form == Plan::Form::channel_rows) {
+    const int64_t slabs = cells.size() / plan.cells_per_row;
+    const EqualParts parts =
+        equal_parts(plan.rows, std::max<int64_t>(1, kChunkElements / std::max<int64_t>(plan.row_width, 1)));
+    c.per_group = parts.count;
+    c.step = parts.size;
+    c.count = slabs * c.per_group;
+  } else {
+    // At least one chunk per cell, so that an empty cell still gets its (empty) moments.
+    const EqualParts parts = equal_parts(plan.cell_elements, kChunkElements);
+    c.per_group = std::max<int64_t>(1, parts.count);
+    c.step = parts.size;
+    c.count = cells.size() * c.per_group;
+  }
+  return c;
+}
+
+// The first valid, finite value among `count` elements `stride` apart
+// starting at `first` (0 if none): the shift of a chunk's sums.
+template <class T>
+double first_valid(const T* x, const uint8_t* mask, int64_t first, int64_t count, int64_t stride) {
+  for (int64_t i = 0, p = first; i < count; ++i, p += stride) {
+    if (mask && !mask[p]) continue;
+    const double v = widen(x[p]);
+    if (std::isfinite(v)) return v;
+  }
+  return 0.0;
+}
+
+// Rows [0, rows) in blocks of kRowBlock, then one at a time: f(first_row,
+// std::integral_constant<int64_t, n>) so that each block's row loop unrolls.
+template <int64_t kBlock = kRowBlock, class F>
+inline void for_row_blocks(int64_t rows, F&& f) {
+  int64_t r = 0;
+  for (; r + kBlock <= rows; r += kBlock) f(r, std::integral_constant<int64_t, kBlock>{});
+  for (; r < rows; ++r) f(r, std::integral_constant<int64_t, 1>{});
+}
+
+// Sums over a run in 64-byte lane vectors (GCC vector extensions: one
+// AVX-512 register or two AVX2 ones) added up by halving shuffles at the
+// end. GCC's `omp simd reduction` ends instead in a serial chain of scalar
+// adds through the stack, which took 40% of the time on 256-element runs.
+typedef float FloatLanes __attribute__((vector_size(64)));
+typedef double DoubleLanes __attribute__((vector_size(64)));
+template <class A>
+using Lanes = std::conditional_t<std::is_same_v<A, float>, FloatLanes, DoubleLanes>;
+
+inline float lane_total(FloatLanes v) {
+  typedef float Half __attribute__((vector_size(32)));
+  typedef float Quarter __attribute__((vector_size(16)));
+  const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+inline double lane_total(DoubleLanes v) {
+  typedef double Half __attribute__((vector_size(32)));
+  const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return (h[0] + h[2]) + (h[1] + h[3]);
+}
+
+// Elements [0, kLanes) of p widened to A, as one vector. Built from whole
+// vectors: filling the lanes one by one let GCC split bfloat16 lanes into
+// two halves stored and reloaded through the stack (bfloat16 statistics
+// measured 2x slower than float32 on cache-resident data).
+template <class A, class T>
+inline Lanes<A> load_lanes(const T* p) {
+  constexpr int kLanes = int(64 / sizeof(A));
+  Lanes<A> v;
+  if constexpr (std::is_same_v<T, A>) {
+    std::memcpy(&v, p, sizeof v);
+  } else if constexpr (std::is_same_v<T, bfloat16_t> && std::is_same_v<A, float>) {
+    typedef uint16_t Bits16 __attribute__((vector_size(32)));
+    typedef uint32_t Bits32 __attribute__((vector_size(64)));
+    Bits16 h;
+    std::memcpy(&h, p, sizeof h);
+    const Bits32 bits = __builtin_convertvector(h, Bits32) << 16;  // bfloat16 is float's top half
+    std::memcpy(&v, &bits, sizeof v);
+  } else if constexpr (std::is_same_v<T, float> && std::is_same_v<A, double>) {
+    typedef float Floats __attribute__((vector_size(32)));
+    Floats f;
+    std::memcpy(&f, p, sizeof f);
+    v = __builtin_convertvector(f, Lanes<A>);
+  } else {
+    for (int l = 0; l < kLanes; ++l) v[l] = A(widen(p[l]));
+  }
+  return v;
+}
+
+// (sum of first, sum of second) of f(u[e], v[e]) = {first, second} over
+// e in [0, n), u and v widened to A. f takes and returns lane vectors of A
+// for the body and scalars for the tail (GCC vector arithmetic broadcasts
+// scalar operands, so one generic lambda serves both).
+template <class A, class U, class V, class F>
+inline std::pair<A, A> sum_pairs(int64_t n, const U* u, const V* v, F&& f) {
+  constexpr int kLanes = int(64 / sizeof(A));
+  Lanes<A> first = {}, second = {};
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes) {
+    const auto [a, b] = f(load_lanes<A>(u + e), load_lanes<A>(v + e));
+    first += a;
+    second += b;
+  }
+  A total_first = lane_total(first), total_second = lane_total(second);
+  for (; e < n; ++e) {
+    const auto [a, b] = f(A(widen(u[e])), A(widen(v[e])));
+    total_first += a;
+    total_second += b;
+  }
+  return {total_first, total_second};
+}
+
+// Elements [0, n) of a run in blocks of kRunBlock: f(first, last).
+template <class F>
+inline void for_run_blocks(int64_t n, F&& f) {
+  for (int64_t e = 0; e < n; e += kRunBlock) f(e, std::min(n, e + kRunBlock));
+}
+
+// Whether the call's input is read from cache (kCacheResidentBytes): then
+// all four kernels work in register blocks of kRowBlock rows at every width.
+bool cache_resident(const Plan& p) {
+  return p.num_cells * p.cell_elements * int64_t(dtype_size(p.input_dtype)) <= kCacheResidentBytes;
+}
+
+// sum[j] += sum over rows of (x - shift[j]), sum_sq[j] += the squares, for
+// `rows` rows of `width` columns starting at x (no mask), in register blocks
+// of rows or row by row, both into per-column block sums in A added to the
+// double sums every kFlushRows rows. block: 3 * width of scratch in A;
+// stage: kRowBlock * width floats.
+template <class A, class T>
+void accumulate_shifted_columns(const T* x, int64_t rows, int64_t width, const double* shift, A* block,
+                                float* stage, double* sum, double* sum_sq, bool register_blocks) {
+  A *shift_a = block, *s = block + width, *q = block + 2 * width;
+#pragma omp simd
+  for (int64_t j = 0; j < width; ++j) {
+    shift_a[j] = A(shift[j]);  // a value of x: exact in A
+    s[j] = q[j] = 0;
+  }
+  if (register_blocks) {
+    for (int64_t r0 = 0; r0 < rows; r0 += kFlushRows) {
+      const int64_t r_end = std::min(rows, r0 + kFlushRows);
+      for_row_blocks(r_end - r0, [&](int64_t rb, auto block_rows) {
+        const int64_t r = r0 + rb;
+        // The hardware prefetchers lag on this pattern (a few rows read side
+        // by side); ask for the block kPrefetchBlocks ahead, within the rows.
+        const int64_t ahead_row = r + kPrefetchBlocks * kRowBlock;
+        const int64_t ahead_bytes = std::min<int64_t>(block_rows, rows - ahead_row) * width * int64_t(sizeof(T));
+        const char* ahead = reinterpret_cast<const char*>(x + std::min(ahead_row, rows) * width);
+        for (int64_t b = 0; b < ahead_bytes; b += 64) __builtin_prefetch(ahead + b);
+        const auto* xb = staged_input(x + r * width, block_rows * width, stage);
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          A bs = 0, bq = 0;
+          for (int64_t i = 0; i < block_rows; ++i) {
+            const A d = A(widen(xb[i * width + j])) - shift_a[j];
+            bs += d;
+            bq += d * d;
+          }
+          s[j] += bs;
+          q[j] += bq;
+        }
+      });
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) {
+        sum[j] += double(s[j]);
+        sum_sq[j] += double(q[j]);
+        s[j] = q[j] = 0;
+      }
+    }
+    return;
+  }
+  for (int64_t r0 = 0; r0 < rows; r0 += kFlushRows) {
+    for (int64_t r = r0; r < std::min(rows, r0 + kFlushRows); ++r) {
+      const auto* xr = staged_input(x + r * width, width, stage);
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) {
+        const A d = A(widen(xr[j])) - shift_a[j];
+        s[j] += d;
+        q[j] += d * d;
+      }
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      sum[j] += double(s[j]);
+      sum_sq[j] += double(q[j]);
+      s[j] = q[j] = 0;
+    }
+  }
+}
+
+// sum_dy[j] += sum over rows of dy, sum_dy_xhat[j] += sum of dy * xhat with
+// xhat = (x - mean[j]) * rstd[j], all in the compute type C: in register
+// blocks of kRowBlock rows (cache-resident calls), otherwise row by row into
+// per-column block sums whatever the width (kCacheResidentBytes). block: 2 *
+// width of scratch in C, stage: 2 * max(kRowBlock, stage_rows_of(width)) *
+// width floats.
+template <class T, class D, class C>
+void accumulate_backward_columns(const T* x, const D* dy, int64_t rows, int64_t width, const C* mean,
+                                 const C* rstd, C* block, float* stage, double* sum_dy, double* sum_dy_xhat,
+                                 bool register_blocks) {
+  if (register_blocks) {
+    float* dy_stage = stage + kRowBlock * width;
+    for_row_blocks(rows, [&](int64_t r, auto block_rows) {
+      const int64_t n = block_rows * width;
+      const auto* xb = staged_input(x + r * width, n, stage);
+      const auto* dyb = staged_input(dy + r * width, n, dy_stage);
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) {
+        const C m = mean[j], rs = rstd[j];
+        C g_sum = 0, p_sum = 0;
+        for (int64_t i = 0; i < block_rows; ++i) {
+          const C g = C(widen(dyb[i * width + j]));
+          g_sum += g;
+          p_sum += g * xhat_of(C(widen(xb[i * width + j])), m, rs);
+        }
+        sum_dy[j] += double(g_sum);
+        sum_dy_xhat[j] += double(p_sum);
+      }
+    });
+    return;
+  }
+  const int64_t stage_rows = stage_rows_of<T, D>(width);
+  float* dy_stage = stage + stage_rows * width;
+  C *g_sum = block, *p_sum = block + width;
+  std::fill(block, block + 2 * width, C(0));
+  const staged_t<T>* xr = nullptr;
+  const staged_t<D>* dyr = nullptr;
+  for (int64_t r0 = 0; r0 < rows; r0 += kFlushRows) {
+    for (int64_t r = r0; r < std::min(rows, r0 + kFlushRows); ++r, xr += width, dyr += width) {
+      if ((r - r0) % stage_rows == 0) {
+        const int64_t n = std::min({stage_rows, rows - r, r0 + kFlushRows - r}) * width;
+        xr = staged_input(x + r * width, n, stage);
+        dyr = staged_input(dy + r * width, n, dy_stage);
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) {
+        const C xhat = xhat_of(C(widen(xr[j])), mean[j], rstd[j]);
+        const C g = C(widen(dyr[j]));
+        g_sum[j] += g;
+        p_sum[j] += g * xhat;
+      }
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      sum_dy[j] += double(g_sum[j]);
+      sum_dy_xhat[j] += double(p_sum[j]);
+      g_sum[j] = p_sum[j] = 0;
     }
   }
 }
@@ -135,9 +469,9 @@ class CpuBackend final : public Backend {
                         [&](auto a_tag) {
         using A = decltype(a_tag);
         if (in.plan->form == Plan::Form::channel_rows)
-          cpu::stats_rows<T, A>(scratch_, in, cells, moments);
+          stats_rows<T, A>(in, cells, moments);
         else
-          cpu::stats_contiguous<T, A>(scratch_, in, cells, moments);
+          stats_contiguous<T, A>(in, cells, moments);
       });
     });
   }
@@ -163,9 +497,9 @@ class CpuBackend final : public Backend {
           using Y = decltype(y_tag);
           using C = decltype(c_tag);
           if (in.plan->form == Plan::Form::channel_rows)
-            cpu::normalize_rows<T, Y, C>(scratch_, in, cells, coef, static_cast<Y*>(y));
+            normalize_rows<T, Y, C>(in, cells, coef, static_cast<Y*>(y));
           else
-            cpu::normalize_contiguous<T, Y, C>(scratch_, in, cells, coef, static_cast<Y*>(y));
+            normalize_contiguous<T, Y, C>(in, cells, coef, static_cast<Y*>(y));
         });
       });
     });
@@ -183,11 +517,10 @@ class CpuBackend final : public Backend {
           using D = decltype(dy_tag);
           using C = decltype(c_tag);
           if (in.plan->form == Plan::Form::channel_rows)
-            cpu::backward_sums_rows<T, D, C>(scratch_, in, static_cast<const D*>(in.dy), cells, coef, cell_sums,
-                                             channel_sums);
+            backward_sums_rows<T, D, C>(in, static_cast<const D*>(in.dy), cells, coef, cell_sums, channel_sums);
           else
-            cpu::backward_sums_contiguous<T, D, C>(scratch_, in, static_cast<const D*>(in.dy), cells, coef,
-                                                   cell_sums, channel_sums);
+            backward_sums_contiguous<T, D, C>(in, static_cast<const D*>(in.dy), cells, coef, cell_sums,
+                                              channel_sums);
         });
       });
     });
@@ -214,19 +547,536 @@ class CpuBackend final : public Backend {
           using D = decltype(dy_tag);
           using C = decltype(c_tag);
           if (in.plan->form == Plan::Form::channel_rows)
-            cpu::input_grad_rows<T, D, C>(scratch_, in, static_cast<const D*>(in.dy), cells, coef, cell_terms,
-                                          static_cast<T*>(dx));
+            input_grad_rows<T, D, C>(in, static_cast<const D*>(in.dy), cells, coef, cell_terms,
+                                     static_cast<T*>(dx));
           else
-            cpu::input_grad_contiguous<T, D, C>(scratch_, in, static_cast<const D*>(in.dy), cells, coef,
-                                                cell_terms, static_cast<T*>(dx));
+            input_grad_contiguous<T, D, C>(in, static_cast<const D*>(in.dy), cells, coef, cell_terms,
+                                           static_cast<T*>(dx));
         });
       });
     });
   }
 
  private:
-  // Per-thread and per-call scratch of the kernels.
-  cpu::Scratch scratch_;
+  // Scratch each thread reuses across calls, so steady-state calls allocate
+  // nothing.
+  // The calling thread's buffer of `per_thread`, at least count long and
+  // aligned to kScratchAlignment.
+  template <class V>
+  static V* thread_buffer(std::vector<std::vector<V>>& per_thread, size_t count) {
+    auto& buffer = per_thread[size_t(omp_get_thread_num())];
+    constexpr size_t kPad = kScratchAlignment / sizeof(V);
+    if (buffer.size() < count + kPad) buffer.resize(count + kPad);
+    const uintptr_t at = reinterpret_cast<uintptr_t>(buffer.data());
+    return reinterpret_cast<V*>((at + (kScratchAlignment - 1)) & ~uintptr_t(kScratchAlignment - 1));
+  }
+  double* thread_scratch(size_t count) { return thread_buffer(scratch_, count); }
+  // Block sums of the wide-row reductions, in their type.
+  template <class A>
+  A* thread_block_sums(size_t count) {
+    if constexpr (std::is_same_v<A, float>) return thread_buffer(block_f32_, count);
+    else return thread_buffer(block_f64_, count);
+  }
+  // Float scratch for staged float16 rows (see Staged).
+  float* thread_stage(size_t count) { return thread_buffer(stage_, count); }
+  // Sizes the per-thread scratch for the coming parallel region and marks
+  // every thread's row coefficients stale (the coefficients change per call).
+  void reserve_threads() {
+    const size_t threads = size_t(omp_get_max_threads());
+    for (auto* buffers : {&scratch_, &block_f64_}) buffers->resize(std::max(buffers->size(), threads));
+    for (auto* buffers : {&block_f32_, &stage_}) buffers->resize(std::max(buffers->size(), threads));
+    if (rows_f32_.size() < threads) rows_f32_.resize(threads);
+    if (rows_f64_.size() < threads) rows_f64_.resize(threads);
+    for (auto& rc : rows_f32_) rc.slab = -1;
+    for (auto& rc : rows_f64_) rc.slab = -1;
+  }
+  template <class V>
+  V* chunk_buffer(std::vector<V>& buffer, size_t count) {
+    if (buffer.size() < count) buffer.resize(count);
+    return buffer.data();
+  }
+
+  // ---- channel_rows: x is [outer][rows][row_width] -------------------------
+
+  template <class T, class A>
+  void stats_rows(const KernelInputs& in, CellRange cells, CellMoments* moments) {
+    const Plan& p = *in.plan;
+    const int64_t width = p.row_width, per_row = p.cells_per_row, S = p.group_size;
+    const Chunking ch = chunking(p, cells);
+    const int64_t first_slab = cells.begin / per_row;
+    CellMoments* chunk_moments = chunk_buffer(moments_, size_t(ch.count * per_row));
+    const T* x = static_cast<const T*>(in.x);
+    const bool register_blocks = width <= kNarrowRow || cache_resident(p);
+    reserve_threads();
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const int64_t slab = first_slab + k / ch.per_group;
+      const int64_t r0 = (k % ch.per_group) * ch.step, r1 = std::min(p.rows, r0 + ch.step);
+      const int64_t base = (slab * p.rows + r0) * width;
+      double* scratch = thread_scratch(size_t(4 * width));
+      double *shift = scratch, *sum = scratch + width, *sum_sq = sum + width, *count = sum_sq + width;
+      for (int64_t q = 0; q < per_row; ++q) {
+        // Column-major scan of the group's block: usually the first element.
+        double s = 0.0;
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t at = (slab * p.rows + r) * width + q * S;
+          bool found = false;
+          for (int64_t j = 0; j < S && !found; ++j) {
+            if (in.mask && !in.mask[at + j]) continue;
+            const double v = widen(x[at + j]);
+            if (std::isfinite(v)) { s = v; found = true; }
+          }
+          if (found) break;
+        }
+        std::fill(shift + q * S, shift + (q + 1) * S, s);
+      }
+      std::fill(sum, sum + (in.mask ? 3 : 2) * width, 0.0);  // count: masked calls only
+      for (int64_t r = r0; in.mask && r < r1; ++r) {
+        const T* row = x + base + (r - r0) * width;
+        {
+          const uint8_t* m = in.mask + base + (r - r0) * width;
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j) {
+            const double d = m[j] ? double(widen(row[j])) - shift[j] : 0.0;
+            sum[j] += d;
+            sum_sq[j] += d * d;
+            count[j] += m[j] ? 1.0 : 0.0;
+          }
+        }
+      }
+      if (!in.mask)
+        accumulate_shifted_columns(x + base, r1 - r0, width, shift, thread_block_sums<A>(size_t(3 * width)),
+                                   thread_stage(size_t(kRowBlock * width)), sum, sum_sq, register_blocks);
+      for (int64_t q = 0; q < per_row; ++q) {
+        double n = in.mask ? 0.0 : double((r1 - r0) * S), s1 = 0, s2 = 0;
+        for (int64_t j = q * S; j < (q + 1) * S; ++j) {
+          s1 += sum[j];
+          s2 += sum_sq[j];
+          if (in.mask) n += count[j];
+        }
+        chunk_moments[k * per_row + q] = moments_from_shifted_sums(n, shift[q * S], s1, s2);
+      }
+    }
+    for (int64_t i = 0; i < cells.size(); ++i) {
+      const int64_t slab = i / per_row, q = i % per_row;
+      CellMoments m{0, 0, 0};
+      for (int64_t c = 0; c < ch.per_group; ++c)
+        m = merge_moments(m, chunk_moments[(slab * ch.per_group + c) * per_row + q]);
+      moments[cells.begin + i] = m;
+    }
+  }
+
+  // Per-column coefficients of one slab: mean, rstd, scale, mul = rstd *
+  // scale and bias for the forward; for dx also the folded centered_coef and
+  // offset (formulas.hpp, folded_input_grad_of). Each thread keeps those of
+  // its current slab.
+  template <class C>
+  struct RowCoefficients {
+    int64_t slab = -1;
+    std::vector<C> mean, rstd, mul, bias, scale, centered_coef, offset;
+  };
+
+  template <class C>
+  void fill_row_coefficients(const Plan& p, const Coefficients& coef, const double* cell_terms,
+                             int64_t slab, RowCoefficients<C>& rc) {
+    const int64_t width = p.row_width;
+    for (auto* v : {&rc.mean, &rc.rstd, &rc.mul, &rc.bias, &rc.scale, &rc.centered_coef, &rc.offset})
+      v->resize(size_t(width));
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t cell = slab * p.cells_per_row + j / p.group_size, c = j % p.channels;
+      const C r = C(coef.rstd[cell]);
+      const C scale = coef.scale ? C(coef.scale[c]) : C(1);
+      rc.mean[j] = C(coef.mean[cell]);
+      rc.rstd[j] = r;
+      rc.scale[j] = scale;
+      rc.mul[j] = coef.scale ? r * scale : r;
+      rc.bias[j] = coef.bias ? C(coef.bias[c]) : C(0);
+      if (cell_terms) {
+        const C a = C(cell_terms[2 * cell]), b = C(cell_terms[2 * cell + 1]);
+        rc.centered_coef[j] = -r * (r * b);
+        rc.offset[j] = -r * a;
+      }
+    }
+    rc.slab = slab;
+  }
+
+  // Calls f(k, slab, r0, r1, rc) for every chunk k of `cells` (rows [r0, r1)
+  // of one slab) over the OpenMP threads; rc holds the slab's per-column
+  // coefficients, refilled only when a thread moves to another slab.
+  template <class C, class F>
+  void for_each_row_chunk(const Plan& p, CellRange cells, const Coefficients& coef,
+                          const double* cell_terms, const Chunking& ch, F&& f) {
+    reserve_threads();
+    const int64_t first_slab = cells.begin / p.cells_per_row;
+#pragma omp parallel
+    {
+      RowCoefficients<C>& rc = row_coefficients<C>();
+#pragma omp for schedule(static)
+      for (int64_t k = 0; k < ch.count; ++k) {
+        const int64_t slab = first_slab + k / ch.per_group;
+        const int64_t r0 = (k % ch.per_group) * ch.step, r1 = std::min(p.rows, r0 + ch.step);
+        if (rc.slab != slab) fill_row_coefficients(p, coef, cell_terms, slab, rc);
+        f(k, slab, r0, r1, rc);
+      }
+    }
+  }
+
+  template <class T, class Y, class C>
+  void normalize_rows(const KernelInputs& in, CellRange cells, const Coefficients& coef, Y* y) {
+    const Plan& p = *in.plan;
+    const int64_t width = p.row_width;
+    const T* x = static_cast<const T*>(in.x);
+    const bool stream = streams_output<Y>(p), resident = cache_resident(p);
+    for_each_row_chunk<C>(p, cells, coef, nullptr, chunking(p, cells),
+                          [&](int64_t, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
+      const C *mean = rc.mean.data(), *mul = rc.mul.data(), *bias = rc.bias.data();
+      if (resident) {
+        float* stage = thread_stage(size_t(2 * kRowBlock * width));
+        for_row_blocks(r1 - r0, [&](int64_t r, auto block_rows) {
+          const int64_t at = (slab * p.rows + r0 + r) * width, n = block_rows * width;
+          const auto* xb = staged_input(x + at, n, stage);
+          auto* yb = staged_output(y + at, stage + kRowBlock * width);
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j) {
+            const C m = mean[j], u = mul[j], b = bias[j];
+            for (int64_t i = 0; i < block_rows; ++i)
+              yb[i * width + j] = narrow<staged_t<Y>>(normalized(C(widen(xb[i * width + j])), m, u, b));
+          }
+          commit_output(yb, y + at, n);
+        });
+        return;
+      }
+      float* stage = thread_stage(size_t(2 * width));
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t at = (slab * p.rows + r) * width;
+        const auto* xr = staged_input(x + at, width, stage);
+        auto* yr = staged_output(y + at, stage + width, stream);
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j)
+          yr[j] = narrow<staged_t<Y>>(normalized(C(widen(xr[j])), mean[j], mul[j], bias[j]));
+        commit_output(yr, y + at, width, stream);
+      }
+      if (stream) stream_fence();
+    });
+  }
+
+  template <class T, class D, class C>
+  void backward_sums_rows(const KernelInputs& in, const D* dy, CellRange cells,
+                          const Coefficients& coef, double* cell_sums, double* channel_sums) {
+    const Plan& p = *in.plan;
+    const int64_t width = p.row_width, per_row = p.cells_per_row, S = p.group_size;
+    const int64_t channels = p.channels;
+    const Chunking ch = chunking(p, cells);
+    // Per chunk: A and B of its cells, then sum dy and sum dy*xhat per channel.
+    const int64_t stride = 2 * per_row + 2 * channels;
+    double* chunk_sums = chunk_buffer(sums_, size_t(ch.count * stride));
+    const T* x = static_cast<const T*>(in.x);
+    const bool register_blocks = cache_resident(p);
+    for_each_row_chunk<C>(p, cells, coef, nullptr, ch,
+                          [&](int64_t k, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
+      double* scratch = thread_scratch(size_t(2 * width));
+      double *sum_dy = scratch, *sum_dy_xhat = scratch + width;
+      std::fill(scratch, scratch + 2 * width, 0.0);
+      const int64_t at = (slab * p.rows + r0) * width;
+      accumulate_backward_columns(x + at, dy + at, r1 - r0, width, rc.mean.data(), rc.rstd.data(),
+                                  thread_block_sums<C>(size_t(2 * width)),
+                                  thread_stage(size_t(2 * std::max(kRowBlock, stage_rows_of<T, D>(width)) * width)),
+                                  sum_dy, sum_dy_xhat, register_blocks);
+      double* out = chunk_sums + k * stride;
+      std::fill(out, out + stride, 0.0);
+      double* channel_dy = out + 2 * per_row;
+      double* channel_dy_xhat = channel_dy + channels;
+      for (int64_t q = 0; q < per_row; ++q) {
+        // Columns of cell q: channels (q % G) * S + s.
+        const int64_t j0 = q * S, c0 = (q % p.num_groups) * S;
+        double a = 0, b = 0;
+        for (int64_t s = 0; s < S; ++s) {
+          const double scale = double(rc.scale[j0 + s]);
+          a += scale * sum_dy[j0 + s];
+          b += scale * sum_dy_xhat[j0 + s];
+          channel_dy[c0 + s] += sum_dy[j0 + s];
+          channel_dy_xhat[c0 + s] += sum_dy_xhat[j0 + s];
+        }
+        out[2 * q] = a;
+        out[2 * q + 1] = b;
+      }
+    });
+    std::fill(cell_sums + 2 * cells.begin, cell_sums + 2 * cells.end, 0.0);
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const double* part = chunk_sums + k * stride;
+      double* cell_out = cell_sums + 2 * (cells.begin + (k / ch.per_group) * per_row);
+      for (int64_t i = 0; i < 2 * per_row; ++i) cell_out[i] += part[i];
+      for (int64_t i = 0; i < 2 * channels; ++i) channel_sums[i] += part[2 * per_row + i];
+    }
+  }
+
+  template <class T, class D, class C>
+  void input_grad_rows(const KernelInputs& in, const D* dy, CellRange cells,
+                       const Coefficients& coef, const double* cell_terms, T* dx) {
+    const Plan& p = *in.plan;
+    const int64_t width = p.row_width;
+    const T* x = static_cast<const T*>(in.x);
+    const bool resident = cache_resident(p);
+    for_each_row_chunk<C>(p, cells, coef, cell_terms, chunking(p, cells),
+                          [&](int64_t, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
+      const C *mean = rc.mean.data(), *mul = rc.mul.data();
+      const C *centered_coef = rc.centered_coef.data(), *offset = rc.offset.data();
+      if (resident && !in.mask) {
+        using Out = staged_t<T>;
+        const int64_t block = kRowBlock * width;
+        float* stage = thread_stage(size_t(3 * block));
+        for_row_blocks(r1 - r0, [&](int64_t r, auto block_rows) {
+          const int64_t at = (slab * p.rows + r0 + r) * width, n = block_rows * width;
+          const auto* xb = staged_input(x + at, n, stage);
+          const auto* dyb = staged_input(dy + at, n, stage + block);
+          auto* dxb = staged_output(dx + at, stage + 2 * block);
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j) {
+            const C m = mean[j], u = mul[j], cc = centered_coef[j], off = offset[j];
+            for (int64_t i = 0; i < block_rows; ++i)
+              dxb[i * width + j] = narrow<Out>(folded_input_grad_of(
+                  C(widen(dyb[i * width + j])), u, folded_term_of(C(widen(xb[i * width + j])), m, cc, off)));
+          }
+          commit_output(dxb, dx + at, n);
+        });
+        return;
+      }
+      const int64_t stage_rows = stage_rows_of<T, D>(width), block = stage_rows * width;
+      float* stage = thread_stage(size_t(3 * block));
+      for (int64_t rb = r0; rb < r1; rb += stage_rows) {
+        const int64_t block_at = (slab * p.rows + rb) * width, n = std::min(stage_rows, r1 - rb) * width;
+        const auto* xb = staged_input(x + block_at, n, stage);
+        const auto* dyb = staged_input(dy + block_at, n, stage + block);
+        auto* dxb = staged_output(dx + block_at, stage + 2 * block);
+        using Out = staged_t<T>;
+        for (int64_t row = 0; row < n; row += width) {
+          const auto* xr = xb + row;
+          const auto* dyr = dyb + row;
+          auto* dxr = dxb + row;
+          if (in.mask) {
+            const uint8_t* m = in.mask + block_at + row;
+#pragma omp simd
+            for (int64_t j = 0; j < width; ++j) {
+              const C term = m[j] ? folded_term_of(C(widen(xr[j])), mean[j], centered_coef[j], offset[j]) : C(0);
+              dxr[j] = narrow<Out>(folded_input_grad_of(C(widen(dyr[j])), mul[j], term));
+            }
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < width; ++j)
+              dxr[j] = narrow<Out>(folded_input_grad_of(
+                  C(widen(dyr[j])), mul[j], folded_term_of(C(widen(xr[j])), mean[j], centered_coef[j], offset[j])));
+          }
+        }
+        commit_output(dxb, dx + block_at, n);
+      }
+    });
+  }
+
+  // ---- contiguous_cells: x is [cells][S][inner] ----------------------------
+
+  template <class T, class A>
+  void stats_contiguous(const KernelInputs& in, CellRange cells, CellMoments* moments) {
+    const Plan& p = *in.plan;
+    const int64_t length = p.cell_elements;
+    const Chunking ch = chunking(p, cells);
+    CellMoments* chunk_moments = chunk_buffer(moments_, size_t(ch.count));
+    const T* x = static_cast<const T*>(in.x);
+    reserve_threads();
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const int64_t cell = cells.begin + k / ch.per_group;
+      const int64_t e0 = (k % ch.per_group) * ch.step, e1 = std::min(length, e0 + ch.step);
+      const int64_t base = cell * length;
+      const double shift = first_valid(x, in.mask, base + e0, e1 - e0, 1);
+      double sum = 0, sum_sq = 0, count = double(e1 - e0);
+      const T* xs = x + base + e0;
+      const int64_t n = e1 - e0;
+      if (in.mask) {
+        count = 0;
+        const uint8_t* m = in.mask + base + e0;
+#pragma omp simd reduction(+ : sum, sum_sq, count)
+        for (int64_t e = 0; e < n; ++e) {
+          const double d = m[e] ? double(widen(xs[e])) - shift : 0.0;
+          sum += d;
+          sum_sq += d * d;
+          count += m[e] ? 1.0 : 0.0;
+        }
+      } else {
+        const A shift_a = A(shift);  // a value of x: exact in A
+        float* stage = thread_stage(size_t(kRunBlock));
+        for_run_blocks(n, [&](int64_t first, int64_t last) {
+          const auto* xb = staged_input(xs + first, last - first, stage);
+          const auto [s, q] = sum_pairs<A>(last - first, xb, xb, [&](auto xe, auto) {
+            const auto d = xe - shift_a;
+            return std::pair(d, d * d);
+          });
+          sum += double(s);
+          sum_sq += double(q);
+        });
+      }
+      chunk_moments[k] = moments_from_shifted_sums(count, shift, sum, sum_sq);
+    }
+    for (int64_t i = 0; i < cells.size(); ++i) {
+      CellMoments m{0, 0, 0};
+      for (int64_t c = 0; c < ch.per_group; ++c)
+        m = merge_moments(m, chunk_moments[i * ch.per_group + c]);
+      moments[cells.begin + i] = m;
+    }
+  }
+
+  // Calls f(channel, first, last) for each run of one channel within
+  // elements [e0, e1) of a cell.
+  template <class F>
+  static void for_channel_runs(const Plan& p, int64_t cell, int64_t e0, int64_t e1, F&& f) {
+    const int64_t inner = p.inner, group = cell % p.num_groups;
+    for (int64_t e = e0; e < e1;) {
+      const int64_t s = e / inner, run_end = std::min(e1, (s + 1) * inner);
+      f(group * p.group_size + s, e, run_end);
+      e = run_end;
+    }
+  }
+
+  template <class T, class Y, class C>
+  void normalize_contiguous(const KernelInputs& in, CellRange cells, const Coefficients& coef,
+                            Y* y) {
+    const Plan& p = *in.plan;
+    const int64_t length = p.cell_elements;
+    const Chunking ch = chunking(p, cells);
+    const T* x = static_cast<const T*>(in.x);
+    reserve_threads();
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const int64_t cell = cells.begin + k / ch.per_group;
+      const int64_t e0 = (k % ch.per_group) * ch.step, e1 = std::min(length, e0 + ch.step);
+      const int64_t base = cell * length;
+      const C mean = C(coef.mean[cell]), r = C(coef.rstd[cell]);
+      float* stage = thread_stage(size_t(2 * kRunBlock));
+      for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
+        const C mul = coef.scale ? r * C(coef.scale[c]) : r;
+        const C bias = coef.bias ? C(coef.bias[c]) : C(0);
+        for_run_blocks(last - first, [&](int64_t b0, int64_t b1) {
+          const auto* xs = staged_input(x + base + first + b0, b1 - b0, stage);
+          auto* ys = staged_output(y + base + first + b0, stage + kRunBlock);
+#pragma omp simd
+          for (int64_t e = 0; e < b1 - b0; ++e)
+            ys[e] = narrow<staged_t<Y>>(normalized(C(widen(xs[e])), mean, mul, bias));
+          commit_output(ys, y + base + first + b0, b1 - b0);
+        });
+      });
+    }
+  }
+
+  template <class T, class D, class C>
+  void backward_sums_contiguous(const KernelInputs& in, const D* dy, CellRange cells,
+                                const Coefficients& coef, double* cell_sums,
+                                double* channel_sums) {
+    const Plan& p = *in.plan;
+    const int64_t length = p.cell_elements, S = p.group_size;
+    const Chunking ch = chunking(p, cells);
+    // Per chunk: A, B, then sum dy and sum dy*xhat per channel of its group.
+    const int64_t stride = 2 + 2 * S;
+    double* chunk_sums = chunk_buffer(sums_, size_t(ch.count * stride));
+    const T* x = static_cast<const T*>(in.x);
+    reserve_threads();
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const int64_t cell = cells.begin + k / ch.per_group;
+      const int64_t e0 = (k % ch.per_group) * ch.step, e1 = std::min(length, e0 + ch.step);
+      const int64_t base = cell * length, group = cell % p.num_groups;
+      const C mean = C(coef.mean[cell]), r = C(coef.rstd[cell]);
+      double* out = chunk_sums + k * stride;
+      std::fill(out, out + stride, 0.0);
+      float* stage = thread_stage(size_t(2 * kRunBlock));
+      for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
+        double sum_dy = 0, sum_dy_xhat = 0;
+        for_run_blocks(last - first, [&](int64_t b0, int64_t b1) {
+          const auto* xs = staged_input(x + base + first + b0, b1 - b0, stage);
+          const auto* dys = staged_input(dy + base + first + b0, b1 - b0, stage + kRunBlock);
+          const auto [g_sum, p_sum] = sum_pairs<C>(b1 - b0, dys, xs, [&](auto g, auto xe) {
+            return std::pair(g, g * xhat_of(xe, mean, r));
+          });
+          sum_dy += double(g_sum);
+          sum_dy_xhat += double(p_sum);
+        });
+        const double scale = coef.scale ? double(C(coef.scale[c])) : 1.0;
+        out[0] += scale * sum_dy;
+        out[1] += scale * sum_dy_xhat;
+        out[2 + (c - group * S)] += sum_dy;
+        out[2 + S + (c - group * S)] += sum_dy_xhat;
+      });
+    }
+    std::fill(cell_sums + 2 * cells.begin, cell_sums + 2 * cells.end, 0.0);
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const double* part = chunk_sums + k * stride;
+      const int64_t cell = cells.begin + k / ch.per_group, group = cell % p.num_groups;
+      cell_sums[2 * cell] += part[0];
+      cell_sums[2 * cell + 1] += part[1];
+      for (int64_t s = 0; s < S; ++s) {
+        channel_sums[group * S + s] += part[2 + s];
+        channel_sums[p.channels + group * S + s] += part[2 + S + s];
+      }
+    }
+  }
+
+  template <class T, class D, class C>
+  void input_grad_contiguous(const KernelInputs& in, const D* dy, CellRange cells,
+                             const Coefficients& coef, const double* cell_terms, T* dx) {
+    const Plan& p = *in.plan;
+    const int64_t length = p.cell_elements;
+    const Chunking ch = chunking(p, cells);
+    const T* x = static_cast<const T*>(in.x);
+    reserve_threads();
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const int64_t cell = cells.begin + k / ch.per_group;
+      const int64_t e0 = (k % ch.per_group) * ch.step, e1 = std::min(length, e0 + ch.step);
+      const int64_t base = cell * length;
+      const C mean = C(coef.mean[cell]), r = C(coef.rstd[cell]);
+      const C a = C(cell_terms[2 * cell]), b = C(cell_terms[2 * cell + 1]);
+      float* stage = thread_stage(size_t(3 * kRunBlock));
+      using Out = staged_t<T>;
+      for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
+        const C scale = coef.scale ? C(coef.scale[c]) : C(1);
+        for_run_blocks(last - first, [&](int64_t b0, int64_t b1) {
+          const int64_t at = base + first + b0, n = b1 - b0;
+          const auto* xs = staged_input(x + at, n, stage);
+          const auto* dys = staged_input(dy + at, n, stage + kRunBlock);
+          auto* dxs = staged_output(dx + at, stage + 2 * kRunBlock);
+          if (in.mask) {
+            const uint8_t* m = in.mask + at;
+#pragma omp simd
+            for (int64_t e = 0; e < n; ++e) {
+              const C xhat = xhat_of(C(widen(xs[e])), mean, r);
+              const C g = C(widen(dys[e])) * scale;
+              dxs[e] = narrow<Out>(input_grad_of(r, g, m[e] ? stat_term_of(xhat, a, b) : C(0)));
+            }
+          } else {
+#pragma omp simd
+            for (int64_t e = 0; e < n; ++e) {
+              const C xhat = xhat_of(C(widen(xs[e])), mean, r);
+              const C g = C(widen(dys[e])) * scale;
+              dxs[e] = narrow<Out>(input_grad_of(r, g, stat_term_of(xhat, a, b)));
+            }
+          }
+          commit_output(dxs, dx + at, n);
+        });
+      });
+    }
+  }
+
+  template <class C>
+  RowCoefficients<C>& row_coefficients() {
+    if constexpr (std::is_same_v<C, float>) return rows_f32_[size_t(omp_get_thread_num())];
+    else return rows_f64_[size_t(omp_get_thread_num())];
+  }
+
+  // Per-thread buffers (reserve_threads sizes the outer vectors).
+  std::vector<std::vector<double>> scratch_, block_f64_;
+  std::vector<std::vector<float>> block_f32_, stage_;
+  std::vector<RowCoefficients<float>> rows_f32_;
+  std::vector<RowCoefficients<double>> rows_f64_;
+  std::vector<CellMoments> moments_;
+  std::vector<double> sums_;
   // The call's parameters (the layer's host doubles) and dx terms.
   const double* scale_ = nullptr;
   const double* bias_ = nullptr;

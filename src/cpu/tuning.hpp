@@ -90,7 +90,7 @@ constexpr int64_t kStreamedOutputBytes = int64_t(16) << 20;
 // ---- float16 staging -----------------------------------------------------------------
 
 // Elements staged per conversion when a kernel stages float16 rows through
-// float scratch (staging.hpp): a few narrow rows together (one call per
+// float scratch (see Staged): a few narrow rows together (one call per
 // 64-wide row measured its own overhead), wide rows one at a time (so the
 // staged rows stay in L1).
 constexpr int64_t kStageElements = 512;
