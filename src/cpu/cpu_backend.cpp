@@ -15,7 +15,6 @@
 #include "core/dtype_dispatch.hpp"
 #include "core/equal_parts.hpp"
 #include "cpu/cpu_backend.hpp"
-#include "cpu/formulas.hpp"
 #include "cpu/half_rows.hpp"
 #include "cpu/stream_rows.hpp"
 #include "cpu/tuning.hpp"
@@ -23,7 +22,17 @@
 namespace distgn {
 namespace {
 
-using namespace cpu;  // the tuning constants and the formulas (cpu/tuning.hpp, cpu/formulas.hpp)
+using namespace cpu;  // the tuning constants (cpu/tuning.hpp)
+
+// Per-cell statistics and per-channel parameters the elementwise kernels
+// apply, host arrays.
+struct Coefficients {
+  DType compute_dtype;  // f32 or f64: the arithmetic of semantics §6 and §9
+  const double* mean;   // per cell, in the stats dtype
+  const double* rstd;   // per cell
+  const double* scale;  // per channel, or null (use_scale = false)
+  const double* bias;   // per channel, or null (use_bias = false)
+};
 
 // The mask expanded to one byte per element of x (numpy broadcasting).
 void broadcast_mask(const Plan& plan, const MaskView& mask, std::vector<uint8_t>& out) {
@@ -349,7 +358,7 @@ void accumulate_backward_columns(const T* x, const D* dy, int64_t rows, int64_t 
         for (int64_t i = 0; i < block_rows; ++i) {
           const C g = C(widen(dyb[i * width + j]));
           g_sum += g;
-          p_sum += g * xhat_of(C(widen(xb[i * width + j])), m, rs);
+          p_sum += g * ((C(widen(xb[i * width + j])) - m) * rs);
         }
         sum_dy[j] += double(g_sum);
         sum_dy_xhat[j] += double(p_sum);
@@ -372,7 +381,7 @@ void accumulate_backward_columns(const T* x, const D* dy, int64_t rows, int64_t 
       }
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
-        const C xhat = xhat_of(C(widen(xr[j])), mean[j], rstd[j]);
+        const C xhat = (C(widen(xr[j])) - mean[j]) * rstd[j];
         const C g = C(widen(dyr[j]));
         g_sum[j] += g;
         p_sum[j] += g * xhat;
@@ -666,11 +675,13 @@ class CpuBackend final : public Backend {
     }
   }
 
-  // Per-column coefficients of one slab: mean, rstd, scale, mul = rstd *
-  // scale and bias for the forward; for dx also the folded centered_coef and
-  // offset (formulas.hpp, folded_input_grad_of). Each thread keeps those of
-  // its current slab.
+  // Per-column coefficients of one slab: mean, rstd*scale, bias (and for
+  // backward rstd, scale, a, b). Each thread keeps those of its current slab.
   template <class C>
+  // With cell_terms, dx = mul * dy + (x - mean) * centered_coef + offset:
+  // semantics §9's rstd * (g - a - xhat * b) with the per-cell factors folded,
+  // still centring x first (expanding x * r^2 b - mean * r^2 b cancels
+  // badly when rstd is large).
   struct RowCoefficients {
     int64_t slab = -1;
     std::vector<C> mean, rstd, mul, bias, scale, centered_coef, offset;
@@ -740,7 +751,7 @@ class CpuBackend final : public Backend {
           for (int64_t j = 0; j < width; ++j) {
             const C m = mean[j], u = mul[j], b = bias[j];
             for (int64_t i = 0; i < block_rows; ++i)
-              yb[i * width + j] = narrow<staged_t<Y>>(normalized(C(widen(xb[i * width + j])), m, u, b));
+              yb[i * width + j] = narrow<staged_t<Y>>((C(widen(xb[i * width + j])) - m) * u + b);
           }
           commit_output(yb, y + at, n);
         });
@@ -753,7 +764,7 @@ class CpuBackend final : public Backend {
         auto* yr = staged_output(y + at, stage + width, stream);
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j)
-          yr[j] = narrow<staged_t<Y>>(normalized(C(widen(xr[j])), mean[j], mul[j], bias[j]));
+          yr[j] = narrow<staged_t<Y>>((C(widen(xr[j])) - mean[j]) * mul[j] + bias[j]);
         commit_output(yr, y + at, width, stream);
       }
       if (stream) stream_fence();
@@ -834,8 +845,8 @@ class CpuBackend final : public Backend {
           for (int64_t j = 0; j < width; ++j) {
             const C m = mean[j], u = mul[j], cc = centered_coef[j], off = offset[j];
             for (int64_t i = 0; i < block_rows; ++i)
-              dxb[i * width + j] = narrow<Out>(folded_input_grad_of(
-                  C(widen(dyb[i * width + j])), u, folded_term_of(C(widen(xb[i * width + j])), m, cc, off)));
+              dxb[i * width + j] =
+                  narrow<Out>(C(widen(dyb[i * width + j])) * u + ((C(widen(xb[i * width + j])) - m) * cc + off));
           }
           commit_output(dxb, dx + at, n);
         });
@@ -857,14 +868,14 @@ class CpuBackend final : public Backend {
             const uint8_t* m = in.mask + block_at + row;
 #pragma omp simd
             for (int64_t j = 0; j < width; ++j) {
-              const C term = m[j] ? folded_term_of(C(widen(xr[j])), mean[j], centered_coef[j], offset[j]) : C(0);
-              dxr[j] = narrow<Out>(folded_input_grad_of(C(widen(dyr[j])), mul[j], term));
+              const C stat_term = m[j] ? (C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j] : C(0);
+              dxr[j] = narrow<Out>(C(widen(dyr[j])) * mul[j] + stat_term);
             }
           } else {
 #pragma omp simd
             for (int64_t j = 0; j < width; ++j)
-              dxr[j] = narrow<Out>(folded_input_grad_of(
-                  C(widen(dyr[j])), mul[j], folded_term_of(C(widen(xr[j])), mean[j], centered_coef[j], offset[j])));
+              dxr[j] = narrow<Out>(C(widen(dyr[j])) * mul[j] +
+                                   ((C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j]));
           }
         }
         commit_output(dxb, dx + block_at, n);
@@ -958,8 +969,7 @@ class CpuBackend final : public Backend {
           const auto* xs = staged_input(x + base + first + b0, b1 - b0, stage);
           auto* ys = staged_output(y + base + first + b0, stage + kRunBlock);
 #pragma omp simd
-          for (int64_t e = 0; e < b1 - b0; ++e)
-            ys[e] = narrow<staged_t<Y>>(normalized(C(widen(xs[e])), mean, mul, bias));
+          for (int64_t e = 0; e < b1 - b0; ++e) ys[e] = narrow<staged_t<Y>>((C(widen(xs[e])) - mean) * mul + bias);
           commit_output(ys, y + base + first + b0, b1 - b0);
         });
       });
@@ -993,7 +1003,7 @@ class CpuBackend final : public Backend {
           const auto* xs = staged_input(x + base + first + b0, b1 - b0, stage);
           const auto* dys = staged_input(dy + base + first + b0, b1 - b0, stage + kRunBlock);
           const auto [g_sum, p_sum] = sum_pairs<C>(b1 - b0, dys, xs, [&](auto g, auto xe) {
-            return std::pair(g, g * xhat_of(xe, mean, r));
+            return std::pair(g, g * ((xe - mean) * r));
           });
           sum_dy += double(g_sum);
           sum_dy_xhat += double(p_sum);
@@ -1046,16 +1056,16 @@ class CpuBackend final : public Backend {
             const uint8_t* m = in.mask + at;
 #pragma omp simd
             for (int64_t e = 0; e < n; ++e) {
-              const C xhat = xhat_of(C(widen(xs[e])), mean, r);
+              const C xhat = (C(widen(xs[e])) - mean) * r;
               const C g = C(widen(dys[e])) * scale;
-              dxs[e] = narrow<Out>(input_grad_of(r, g, m[e] ? stat_term_of(xhat, a, b) : C(0)));
+              dxs[e] = narrow<Out>(r * (g - (m[e] ? a + xhat * b : C(0))));
             }
           } else {
 #pragma omp simd
             for (int64_t e = 0; e < n; ++e) {
-              const C xhat = xhat_of(C(widen(xs[e])), mean, r);
+              const C xhat = (C(widen(xs[e])) - mean) * r;
               const C g = C(widen(dys[e])) * scale;
-              dxs[e] = narrow<Out>(input_grad_of(r, g, stat_term_of(xhat, a, b)));
+              dxs[e] = narrow<Out>(r * (g - (a + xhat * b)));
             }
           }
           commit_output(dxs, dx + at, n);
