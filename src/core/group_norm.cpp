@@ -489,7 +489,7 @@ std::vector<double> GroupNorm::forward_partial_stats(const TensorView& x, const 
   Workspace& ws = *workspace_;
   if (const std::string error = check_forward(x, nullptr, mask); !error.empty()) throw Error(error);
   const Plan& plan = ws.plan;
-  load_parameters(plan.channels, ws.scale, ws.bias);
+  // The partial statistics read no parameter: none are loaded here.
   KernelInputs in;
   Backend& backend = ws.begin(plan, x, mask, nullptr, nullptr, nullptr, stream_, in);
   ws.moments.resize(size_t(plan.num_cells));
