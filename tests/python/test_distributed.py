@@ -290,9 +290,60 @@ def scenario_ddp_with_spatial_shards(rank, log):
                f"{max(errors):.1e}")
 
 
+def scenario_subgroups_of_a_subset_group(rank, log):
+    """A process group of 3 of the 4 ranks, split by axis_index_groups: only
+    its members call the layer (rank 3 does not), so the subgroups must be made
+    by their members alone (torch.distributed.new_group, collective over every
+    rank, waited here for rank 3). Ranks 0 and 2 of the group share
+    statistics, rank 1 is alone; rank 3 calling it raises, alone."""
+    group = dist.new_group([0, 1, 2])  # every rank calls new_group, as torch requires
+    g = torch.Generator().manual_seed(40)
+    x = torch.randn(2, 8, 6, 3, generator=g, dtype=torch.float64)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    if rank == 3:
+        try:
+            dgn.GroupNorm(4, 8, process_group=group)(x)
+            raise AssertionError("no error")
+        except ValueError as e:
+            assert "not a member of the layer's process_group" in str(e), str(e)
+        log.append("a rank outside the group raises ValueError")
+        return
+    # [[0, 2], [1]]: group ranks 0 and 2 (global 0 and 2) hold one half of H each; 1 holds all of it
+    sl = (slice(None), slice(None), slice(0, 3) if rank == 0 else slice(3, 6) if rank == 2 else slice(0, 6))
+    xr = x.clone().requires_grad_()
+    yr = dgn.group_norm(xr, 4, use_fast_variance=False)
+    yr.backward(dy)
+    for step in range(2):  # the subgroup is made once, then reused
+        layer = dgn.GroupNorm(4, 8, process_group=group, axis_index_groups=[[0, 2], [1]], dtype=torch.float64)
+        xs = x[sl].clone().requires_grad_()
+        ys = layer(xs)
+        ys.backward(dy[sl])
+        assert rel_err(ys, yr[sl]) < 1e-12 and rel_err(xs.grad, xr.grad[sl]) < 1e-12, step
+    log.append("group [0, 1, 2] split [[0, 2], [1]], rank 3 not calling: equals the single process")
+
+
+def scenario_subgroups_listed_differently(rank, log):
+    """The same subgroups listed in another order on ranks 2, 3 than on 0, 1, and
+    a second partition sharing one subgroup: each rank's subgroup is its
+    members' own, whatever the list's order or the layers' order of creation."""
+    g = torch.Generator().manual_seed(41 + rank // 2)
+    x = torch.randn(2, 8, 4, 3, generator=g, dtype=torch.float64)
+    half = slice(0, 2) if rank % 2 == 0 else slice(2, 4)
+    ref = F.group_norm(x, 4, eps=1e-5)[:, :, half]
+    lists = [[[0, 1], [2, 3]], [[2, 3], [0, 1]]] if rank < 2 else [[[3, 2], [1, 0]], [[0, 1], [2], [3]]]
+    for groups in lists:
+        layer = dgn.GroupNorm(4, 8, process_group=dist.group.WORLD, axis_index_groups=groups, dtype=torch.float64)
+        y = layer(x[:, :, half].contiguous())
+        alone = any(len(gr) == 1 and rank in gr for gr in groups)
+        expect = F.group_norm(x[:, :, half], 4, eps=1e-5) if alone else ref
+        assert rel_err(y, expect) < 1e-12, groups
+    log.append("subgroups listed in other orders on other ranks: ok")
+
+
 SCENARIOS = [scenario_sharded_equals_single, scenario_half_dtypes, scenario_masked_and_reduced_param_grads,
              scenario_one_collective_per_call, scenario_gradcheck_sharded, scenario_subgroups,
-             scenario_disagreeing_ranks_raise_everywhere, scenario_ddp_with_spatial_shards]
+             scenario_disagreeing_ranks_raise_everywhere, scenario_ddp_with_spatial_shards,
+             scenario_subgroups_of_a_subset_group, scenario_subgroups_listed_differently]
 
 
 def _worker(rank, port, out_dir, names):

@@ -137,60 +137,99 @@ class _Config:
         self._loaded[id(layer)] = (key, (w, b))
 
     def group(self):
-        """(process group, its size) whose ranks share statistics, or (None, 1)."""
+        """The _Comm of the ranks this rank shares statistics with, or None (a local layer)."""
         pg = self.process_group
         if pg is None:
-            return None, 1
-        if self.axis_index_groups is None:
-            return pg, (pg.Get_size() if _is_mpi(pg) else dist.get_world_size(pg))
+            return None
         if self._subgroup is None:
-            self._subgroup = _subgroup(pg, self.axis_index_groups)
+            self._subgroup = _comm(pg, self.axis_index_groups)
         return self._subgroup
 
 
-_SUBGROUPS = {}  # (process group, groups) -> (this rank's subgroup, its size): one new_group each
+class _Comm:
+    """The ranks that share statistics: a torch.distributed process group (or
+    an mpi4py communicator), its size and backend (None for mpi4py)."""
+
+    __slots__ = ("handle", "size", "backend")
+
+    def __init__(self, handle, size, backend):
+        self.handle, self.size, self.backend = handle, size, backend
 
 
-def _subgroup(pg, axis_index_groups):
-    """semantics §7: the subgroup of pg's ranks this rank shares statistics with."""
-    size = pg.Get_size() if _is_mpi(pg) else dist.get_world_size(pg)
+_SUBGROUPS = {}  # (process group, this rank's subgroup's global ranks) -> _Comm: one communicator each
+
+
+def _comm(pg, axis_index_groups):
+    """semantics §7: the ranks of pg this rank shares statistics with."""
+    mpi = _is_mpi(pg)
+    if not mpi:
+        if not dist.is_initialized():
+            raise ValueError("process_group given but torch.distributed is not initialized "
+                             "(call torch.distributed.init_process_group first)")
+        if dist.get_rank(pg) < 0:
+            raise ValueError(f"this rank (global rank {dist.get_rank()}) is not a member of the layer's process_group")
+    size = pg.Get_size() if mpi else dist.get_world_size(pg)
+    backend = None if mpi else dist.get_backend(pg)
+    if axis_index_groups is None:
+        return _Comm(pg, size, backend)
     groups = [list(map(int, g)) for g in axis_index_groups]
     flat = sorted(r for g in groups for r in g)
     if flat != list(range(size)):
         raise ValueError("axis_index_groups must cover all indices exactly once")
-    key = (pg, tuple(tuple(g) for g in groups))
+    me = pg.Get_rank() if mpi else dist.get_rank(pg)
+    mine = next(g for g in groups if me in g)
+    if mpi:  # one Split of the communicator (collective over pg's ranks), in the groups' order
+        key = (pg, tuple(tuple(g) for g in groups))
+        if key not in _SUBGROUPS:
+            sub = pg.Split(groups.index(mine), mine.index(me))
+            _SUBGROUPS[key] = _Comm(sub, len(mine), None) if len(mine) > 1 else None
+        return _SUBGROUPS[key]
+    if len(mine) == 1:
+        return None  # statistics of this rank's shard alone: a local layer
+    global_ranks = tuple(sorted(_global_ranks(pg)[r] for r in mine))  # new_group sorts them too
+    key = (pg, global_ranks)
     if key not in _SUBGROUPS:
-        _SUBGROUPS[key] = _new_subgroups(pg, groups)
+        _SUBGROUPS[key] = _Comm(_member_group(pg, global_ranks, backend), len(mine), backend)
     return _SUBGROUPS[key]
 
 
-def _new_subgroups(pg, groups):
-    if _is_mpi(pg):  # one Split of the communicator, in the groups' order
-        me = pg.Get_rank()
-        color = next(i for i, g in enumerate(groups) if me in g)
-        sub = pg.Split(color, groups[color].index(me))
-        return (sub, len(groups[color])) if len(groups[color]) > 1 else (None, 1)
-    return _new_torch_subgroups(pg, groups)
-
-
-def _new_torch_subgroups(pg, groups):
-    """torch.distributed.new_group for each group (which every rank of the
-    default group must call, in the same order: the layer's first call)."""
-    me = dist.get_rank(pg)
+def _global_ranks(pg):
+    """pg's global ranks, in group-rank order."""
     if hasattr(dist, "get_process_group_ranks"):
-        ranks = dist.get_process_group_ranks(pg)
-    elif pg is None or pg is dist.group.WORLD:
-        ranks = None
-    else:  # torch 1.13: the group's global ranks, in group-rank order
-        mapping = dist.distributed_c10d._pg_group_ranks[pg]
-        ranks = [g for g, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
-    mine = None
-    for g in groups:  # every rank creates every subgroup, in the same order
-        global_ranks = [ranks[r] for r in g] if ranks is not None else g
-        sub = dist.new_group(global_ranks) if len(g) > 1 else None
-        if me in g:
-            mine = (sub, len(g))
-    return mine
+        return list(dist.get_process_group_ranks(pg))
+    if pg is None or pg is dist.group.WORLD:
+        return list(range(dist.get_world_size()))
+    mapping = dist.distributed_c10d._pg_group_ranks[pg]  # torch 1.13
+    return [g for g, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+
+
+def _member_group(pg, global_ranks, backend):
+    """A process group over `global_ranks` whose creation only they take part
+    in (torch.distributed.new_group is collective over the whole default
+    group: made lazily on the members alone, it would wait for every other
+    rank). torch >= 2.1: new_group(use_local_synchronization=True). torch
+    1.13: the backend's process group over a prefix of the default store, named
+    by the parent group and the members, so that the members, and only they,
+    meet there."""
+    import inspect
+
+    if "use_local_synchronization" in inspect.signature(dist.new_group).parameters:
+        return dist.new_group(list(global_ranks), backend=backend, use_local_synchronization=True)
+    c10d = dist.distributed_c10d
+    store = c10d._get_default_store()
+    timeout = getattr(store, "timeout", None) or c10d.default_pg_timeout
+    parent = c10d._pg_names.get(pg if pg is not None else dist.group.WORLD, "world")
+    prefix = f"distgn_subgroup/{parent}/{'_'.join(map(str, global_ranks))}"
+    rank = global_ranks.index(dist.get_rank())
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, len(global_ranks), timeout=timeout)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts.is_high_priority_stream = False
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(dist.PrefixStore(prefix, store), rank, len(global_ranks), opts)
+    raise ValueError(f"axis_index_groups over a {backend} process group needs torch >= 2.1 "
+                     f"(new_group(use_local_synchronization=True)); torch {torch.__version__} has gloo and nccl")
 
 
 def _collective(name, *args, **kwargs):
@@ -219,26 +258,27 @@ class _Exchange:
         self.signature = None
         self.cells = 0
 
-    def _gather(self, pg, ranks, mine, valid):
+    def _gather(self, comm, mine, valid):
         per_rank = 1 + 3 * self.cells
         send = torch.zeros(per_rank, dtype=torch.float64)
         if valid:
             send[1:] = mine
         else:
             send[0] = 1
-        out = torch.empty(ranks * per_rank, dtype=torch.float64)
-        _all_gather(pg, out, send, ranks)
-        out = out.view(ranks, per_rank)
+        out = torch.empty(comm.size * per_rank, dtype=torch.float64)
+        _all_gather(comm, out, send)
+        out = out.view(comm.size, per_rank)
         return out[:, 1:].contiguous().view(-1), bool((out[:, 0] == 0).all())
 
-    def _agree(self, pg, ranks, error, signature, cells):
+    def _agree(self, comm, error, signature, cells):
+        ranks = comm.size
         text = (error or signature).encode()[: self.RECORD - 17]
         rec = torch.zeros(self.RECORD, dtype=torch.uint8)
         rec[0] = 0 if error else 1
         rec[8:16] = torch.tensor([cells], dtype=torch.int64).view(torch.uint8)
         rec[16:16 + len(text)] = torch.tensor(list(text), dtype=torch.uint8)
         out = torch.empty(ranks * self.RECORD, dtype=torch.uint8)
-        _all_gather(pg, out, rec, ranks)
+        _all_gather(comm, out, rec)
         records = []
         for r in range(ranks):
             b = out[r * self.RECORD:(r + 1) * self.RECORD]
@@ -255,15 +295,15 @@ class _Exchange:
                                  f"differ): rank 0 has {records[0][2]}; rank {r} has {records[r][2]}")
         self.signature, self.cells = signature, cells
 
-    def merge(self, pg, ranks, error, signature, mine):
+    def merge(self, comm, error, signature, mine):
         """The gathered count/mean/M2 of every rank, concatenated in rank order."""
         unchanged = self.signature is not None and not error and signature == self.signature
         if self.signature is not None:
-            gathered, ok = self._gather(pg, ranks, mine, unchanged)
+            gathered, ok = self._gather(comm, mine, unchanged)
             if ok:
                 return gathered
-        self._agree(pg, ranks, error, signature, 0 if mine is None else mine.numel() // 3)
-        return self._gather(pg, ranks, mine, True)[0]
+        self._agree(comm, error, signature, 0 if mine is None else mine.numel() // 3)
+        return self._gather(comm, mine, True)[0]
 
 
 def _is_mpi(pg) -> bool:
@@ -271,14 +311,14 @@ def _is_mpi(pg) -> bool:
     return hasattr(pg, "Allgather") and hasattr(pg, "Allreduce")
 
 
-def _all_gather(pg, out, send, ranks):
+def _all_gather(comm, out, send):
     """One all_gather of `send` from every rank into `out`, in rank order."""
-    if _is_mpi(pg):
-        pg.Allgather(send.numpy(), out.numpy())
-    elif dist.get_backend(pg) == "gloo":  # gloo has no all_gather_into_tensor (torch 1.13)
-        _collective("all_gather", list(out.view(ranks, -1).unbind(0)), send, group=pg)
+    if comm.backend is None:
+        comm.handle.Allgather(send.numpy(), out.numpy())
+    elif comm.backend == "gloo":  # gloo has no all_gather_into_tensor (torch 1.13)
+        _collective("all_gather", list(out.view(comm.size, -1).unbind(0)), send, group=comm.handle)
     else:
-        _collective("all_gather_into_tensor", out, send, group=pg)
+        _collective("all_gather_into_tensor", out, send, group=comm.handle)
 
 
 def _param(t):
@@ -298,9 +338,9 @@ class _GroupNormFunction(torch.autograd.Function):
         cfg.load_parameters(layer, w, b)
         mask_owner, mview = _mask_view(mask, xc, layout)
         xv = _view(xc, layout, shape)
-        pg, ranks = cfg.group()
+        comm = cfg.group()
         state = _distgn.ForwardState()
-        if pg is None:
+        if comm is None:
             plan = cfg.plan(layer, shape, layout, _dtype_name(xc.dtype))
             y = torch.empty(x.shape, dtype=_TORCH_DTYPES[plan.output_dtype], device=x.device, memory_format=fmt)
             layer.forward(xv, _view(y, layout, shape), mview, state)
@@ -315,9 +355,9 @@ class _GroupNormFunction(torch.autograd.Function):
                 layer.forward_partial_stats(xv, mview, mine.data_ptr(), mine.numel())
             except ValueError as e:
                 error = str(e)
-            gathered = cfg.exchange().merge(pg, ranks, error, signature, mine)
+            gathered = cfg.exchange().merge(comm, error, signature, mine)
             y = torch.empty(x.shape, dtype=_TORCH_DTYPES[plan.output_dtype], device=x.device, memory_format=fmt)
-            layer.forward_finish(xv, _view(y, layout, shape), mview, gathered.data_ptr(), ranks, state)
+            layer.forward_finish(xv, _view(y, layout, shape), mview, gathered.data_ptr(), comm.size, state)
         ctx.cfg, ctx.layer, ctx.state = cfg, layer, state
         ctx.layout, ctx.shape, ctx.fmt, ctx.mask_owner = layout, shape, fmt, mask_owner
         ctx.has_weight, ctx.has_bias = w is not None, b is not None
@@ -345,8 +385,8 @@ class _GroupNormFunction(torch.autograd.Function):
         db = torch.empty(channels, dtype=pdtype) if ctx.has_bias else None
         dwv = _param(dw) if dw is not None else None
         dbv = _param(db) if db is not None else None
-        pg, ranks = ctx.cfg.group()
-        if pg is None:
+        comm = ctx.cfg.group()
+        if comm is None:
             layer.backward(xv, dyv, mview, state, dxv, dwv, dbv)
         else:
             cells = state.plan.num_cells
@@ -363,11 +403,11 @@ class _GroupNormFunction(torch.autograd.Function):
                 payload.zero_()
                 payload[0] = 1
             own = None if ctx.cfg.reduce_param_grads else payload[1 + 2 * cells:].clone()
-            if _is_mpi(pg):
+            if comm.backend is None:
                 from mpi4py import MPI
-                pg.Allreduce(MPI.IN_PLACE, payload.numpy())
+                comm.handle.Allreduce(MPI.IN_PLACE, payload.numpy())
             else:
-                _collective("all_reduce", payload, group=pg)
+                _collective("all_reduce", payload, group=comm.handle)
             if error:
                 raise ValueError(error)
             if payload[0].item() != 0:
@@ -406,6 +446,12 @@ class GroupNorm(nn.Module):
     under mpirun without torch.distributed), ``axis_index_groups`` (semantics §7
     subgroups of that group's ranks) and ``reduce_param_grads`` (weight/bias
     gradients summed over the group instead of each rank's partial sums).
+
+    Every rank of ``process_group`` must call the layer (ranks outside it
+    need not, and raise ValueError if they do). With ``axis_index_groups``,
+    each rank's subgroup is made at its first call by that subgroup's members
+    alone (not torch.distributed.new_group's collective over every rank), once
+    per process for every layer over the same ranks.
     """
 
     __constants__ = ["num_groups", "num_channels", "eps", "affine"]
