@@ -7,8 +7,19 @@ ratio torch/distgn (> 1: distgn is faster) and the threads each used.
 Uses Debian's python3-torch (scripts/setup.sh --bench installs it) or any
 torch importable by this python. distgn runs as `build/distgn bench`.
 
+With --python, the Python path instead: the modules distgn.torch.GroupNorm
+and torch.nn.GroupNorm in this process, forward (autograd recording, as
+training runs it) and forward+backward, on the README's shapes and on small
+ones (1x32x8x8, 2x64x16x16) where the per-call cost shows. Beside them the
+same layer called without the binding's Python (the extension's
+Layer.forward / backward on prebuilt views, into preallocated outputs) and,
+if --binary exists, `distgn bench` (the C++ call alone); the differences are
+the binding's per-call overhead. Run it with the python that has distgn
+installed (scripts/setup.sh --python && .venv-python/bin/pip install .).
+
   scripts/compare_torch.py                      # the issue's shapes, float32, G=32
   scripts/compare_torch.py --shapes 8,64,64,320 --layouts nhwc --rounds 5 --json out.json
+  .venv-python/bin/python scripts/compare_torch.py --python --binary build-py-cli/distgn
 """
 import argparse
 import json
@@ -20,6 +31,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SHAPES = ["8,64,64,320", "16,56,56,64", "2,16,16,1280"]
+SMALL_SHAPES = ["1,8,8,32", "2,16,16,64"]  # NCHW 1x32x8x8, 2x64x16x16
 
 
 def median(values):
@@ -67,6 +79,163 @@ def torch_times(torch, shape, layout, dtype, groups, iters, warmup):
     return median(fwd), median(bwd)
 
 
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo) and the cores this process may use."""
+    name = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return "%s, %d core(s)" % (name, len(os.sched_getaffinity(0)))
+
+
+def timed_ms(fn, iters, warmup):
+    """Median wall time of fn() in ms over iters calls, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return median(times)
+
+
+class PythonCase:
+    """One shape and layout: x, dy and the four ways to run it."""
+
+    def __init__(self, torch, dgn, shape_nhwc, layout, groups):
+        n, c, spatial = shape_nhwc[0], shape_nhwc[-1], shape_nhwc[1:-1]
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn([n, c, *spatial], generator=g)
+        fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+        self.torch, self.fmt = torch, fmt
+        self.x = x.contiguous(memory_format=fmt).requires_grad_()
+        self.dy = torch.randn(x.shape, generator=g).contiguous(memory_format=fmt)
+        self.ours = dgn.GroupNorm(groups, c)
+        self.theirs = torch.nn.GroupNorm(groups, c)
+        with torch.no_grad():  # the same parameters, not the identity
+            self.ours.weight.uniform_(0.5, 1.5, generator=g)
+            self.ours.bias.uniform_(-0.5, 0.5, generator=g)
+            self.theirs.load_state_dict(self.ours.state_dict())
+        # The extension's layer on prebuilt views: the C++ call and nanobind's
+        # dispatch, none of the binding's Python.
+        cfg = self.ours._cfg
+        xd = self.x.detach()
+        xc, dlayout, pshape, _ = dgn._layout_of(xd)
+        self.layer = cfg.layer("f32", "f32", True, True)
+        cfg.load_parameters(self.layer, self.ours.weight.detach(), self.ours.bias.detach())
+        self.y = torch.empty_like(xd)
+        self.dx = torch.empty_like(xd)
+        self.dw, self.db = torch.empty(c), torch.empty(c)
+        self.views = [dgn._view(t, dlayout, pshape) for t in (xc, self.y, self.dy, self.dx)]
+        self.pviews = [dgn._param(self.dw), dgn._param(self.db)]
+        self.state = dgn._distgn.ForwardState()
+        self.owners = (xc,)
+        self.direct_forward()
+        # parity, so that the times below are of a correct layer
+        ya, yb = self.ours(self.x), self.theirs(self.x)
+        self.forward_error = ((ya - yb).abs().max() / yb.abs().max()).item()
+
+    def module_forward(self, m):
+        return lambda: m(self.x)
+
+    def module_step(self, m):
+        def step():
+            m(self.x).backward(self.dy)
+            self.x.grad = m.weight.grad = m.bias.grad = None
+        return step
+
+    def direct_forward(self):
+        xv, yv = self.views[0], self.views[1]
+        self.layer.forward(xv, yv, None, self.state)
+
+    def direct_step(self):
+        xv, yv, dyv, dxv = self.views
+        self.layer.forward(xv, yv, None, self.state)
+        self.layer.backward(xv, dyv, None, self.state, dxv, self.pviews[0], self.pviews[1])
+
+
+def python_path(args, torch):
+    try:
+        import distgn.torch as dgn
+    except ImportError:
+        sys.exit("compare_torch --python: distgn is not importable by %s; run scripts/setup.sh --python && "
+                 ".venv-python/bin/pip install . and use .venv-python/bin/python" % sys.executable)
+    have_binary = os.access(args.binary, os.X_OK)
+    shapes = args.shapes.split(";") if args.shapes_given else SMALL_SHAPES + DEFAULT_SHAPES
+    print("CPU: %s; load average %s (a shared machine: figures are noisy)" % (
+        cpu_model(), " ".join(open("/proc/loadavg").read().split()[:3])))
+    print("threads: torch %d, distgn %d (OpenMP, OMP_NUM_THREADS=%s); torch %s; float32, G=%d; per shape %d "
+          "alternating rounds, each a median of its iterations, then the median of the rounds" % (
+              torch.get_num_threads(), args.threads, os.environ.get("OMP_NUM_THREADS", "unset"),
+              torch.__version__, args.groups, args.rounds))
+    print("fwd: module forward with autograd recording; step: forward + backward (dx, dweight, dbias)")
+    print("direct: the extension's Layer.forward/backward on prebuilt views (no binding Python); "
+          "C++: %s" % ("`%s bench` (its backward makes no dweight/dbias)" % args.binary if have_binary
+                       else "not run (no %s)" % args.binary))
+    header = "%-18s %-5s %9s %9s %6s %9s %9s %6s | %8s %8s %8s %8s | %8s %8s" % (
+        "shape (NCHW)", "x", "fwd ms", "torch ms", "ratio", "step ms", "torch ms", "ratio",
+        "dir fwd", "dir step", "C++ fwd", "C++ step", "ovh fwd", "ovh step")
+    print(header)
+    print("%-18s %-5s %9s %9s %6s %9s %9s %6s | %8s %8s %8s %8s | %8s %8s" % (
+        "", "", "distgn", "", "", "distgn", "", "", "ms", "ms", "ms", "ms", "us", "us"))
+    results = []
+    for shape_text in shapes:
+        nhwc = [int(v) for v in shape_text.split(",")]
+        nchw = [nhwc[0], nhwc[-1], *nhwc[1:-1]]
+        for layout in args.layouts.split(","):
+            case = PythonCase(torch, dgn, nhwc, layout, args.groups)
+            # iterations: about 0.1 s of torch forward+backward per round, at least --iters
+            probe = timed_ms(case.module_step(case.theirs), 3, 1)
+            iters = max(args.iters, min(2000, int(100.0 / max(probe, 1e-3))))
+            runs = {k: [] for k in ("fwd", "tfwd", "step", "tstep", "dfwd", "dstep", "cfwd", "cstep")}
+            for _ in range(args.rounds):  # alternate: distgn, torch, direct, C++, ...
+                runs["fwd"].append(timed_ms(case.module_forward(case.ours), iters, args.warmup))
+                runs["tfwd"].append(timed_ms(case.module_forward(case.theirs), iters, args.warmup))
+                runs["step"].append(timed_ms(case.module_step(case.ours), iters, args.warmup))
+                runs["tstep"].append(timed_ms(case.module_step(case.theirs), iters, args.warmup))
+                runs["dfwd"].append(timed_ms(case.direct_forward, iters, args.warmup))
+                runs["dstep"].append(timed_ms(case.direct_step, iters, args.warmup))
+                if have_binary:
+                    f, b, _ = distgn_times(args.binary, ",".join(map(str, nhwc if layout == "nhwc" else nchw)),
+                                           layout, "f32", args.groups, args.threads, iters, args.warmup)
+                    runs["cfwd"].append(f)
+                    runs["cstep"].append(f + b)
+            m = {k: (median(v) if v else float("nan")) for k, v in runs.items()}
+            row = {"shape_nchw": nchw, "layout": layout, "iters": iters, "rounds": args.rounds,
+                   "forward_rel_error_vs_torch": case.forward_error,
+                   **{k + "_ms": v for k, v in m.items()},
+                   "overhead_fwd_us_vs_direct": (m["fwd"] - m["dfwd"]) * 1e3,
+                   "overhead_step_us_vs_direct": (m["step"] - m["dstep"]) * 1e3,
+                   "overhead_fwd_us_vs_cpp": (m["fwd"] - m["cfwd"]) * 1e3,
+                   "overhead_step_us_vs_cpp": (m["step"] - m["cstep"]) * 1e3}
+            results.append(row)
+            print("%-18s %-5s %9.3f %9.3f %5.2fx %9.3f %9.3f %5.2fx | %8.3f %8.3f %8.3f %8.3f | %8.1f %8.1f" % (
+                "x".join(map(str, nchw)), "CL" if layout == "nhwc" else "cont", m["fwd"], m["tfwd"],
+                m["tfwd"] / m["fwd"], m["step"], m["tstep"], m["tstep"] / m["step"], m["dfwd"], m["dstep"],
+                m["cfwd"], m["cstep"], row["overhead_fwd_us_vs_direct"], row["overhead_step_us_vs_direct"]),
+                flush=True)
+            if case.forward_error > 1e-5:
+                sys.exit("compare_torch: distgn.torch differs from torch.nn.GroupNorm by %.2e (relative) on %s" % (
+                    case.forward_error, nchw))
+    print("ratio = torch time / distgn.torch time (> 1: distgn is faster); x: CL = channels_last (distgn "
+          "NHWC), cont = contiguous (NCHW)")
+    print("ovh = distgn.torch module time - direct call time (the binding's Python per call); "
+          "against the C++ call: see --json (overhead_*_vs_cpp)")
+    for r in results:
+        if r["shape_nchw"] in ([1, 32, 8, 8], [2, 64, 16, 16]):
+            print("overhead %s %s: fwd %.1f us over direct, %.1f us over C++; step %.1f us over direct, "
+                  "%.1f us over C++" % ("x".join(map(str, r["shape_nchw"])), r["layout"],
+                                        r["overhead_fwd_us_vs_direct"], r["overhead_fwd_us_vs_cpp"],
+                                        r["overhead_step_us_vs_direct"], r["overhead_step_us_vs_cpp"]))
+    print("load average at the end: %s" % " ".join(open("/proc/loadavg").read().split()[:3]))
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=";".join(DEFAULT_SHAPES), help="';'-separated N,...,C (nhwc) shapes")
@@ -79,13 +248,23 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--binary", default=os.path.join(ROOT, "build", "distgn"))
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--python", action="store_true",
+                        help="the Python path: distgn.torch.GroupNorm vs torch.nn.GroupNorm in this process")
     args = parser.parse_args()
+    args.shapes_given = any(a == "--shapes" or a.startswith("--shapes=") for a in sys.argv[1:])
 
     try:
         import torch
     except ImportError:
         sys.exit("compare_torch: torch is not importable by %s; install Debian's python3-torch "
                  "(scripts/setup.sh --bench) or torch from PyPI" % sys.executable)
+    if args.python:
+        torch.set_num_threads(args.threads)
+        results = python_path(args, torch)
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump(results, out, indent=1)
+        return
     if not os.access(args.binary, os.X_OK):
         sys.exit("compare_torch: %s not found; run scripts/build.sh first" % args.binary)
     torch.set_num_threads(args.threads)
