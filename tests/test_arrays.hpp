@@ -17,7 +17,7 @@
 #include <utility>
 #include <vector>
 
-#include "core/array_split.hpp"
+#include "distgn/array_split.hpp"
 #include "core/half.hpp"
 #include "distgn/tensor.hpp"
 

@@ -6,6 +6,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "distgn/build_config.hpp"
@@ -69,6 +71,14 @@ class CollectiveLabel {
 
 // The communicator of one process alone (size 1): every collective is a copy.
 std::shared_ptr<Communicator> local_communicator();
+
+// For a program's own steps that must fail together rather than leave the
+// other ranks waiting in their next collective: each rank passes its error
+// ("" when its step succeeded) and the step's name, and when any rank
+// failed, or a rank is in another step, every rank raises distgn::Error (a
+// failed rank its own message; the others which rank failed, and why).
+// Collective over comm: one allgather of 1 KiB per rank.
+void agree_or_raise(Communicator& comm, const std::string& error, std::string_view step);
 
 // How long a collective waits for the other ranks before it ends the job,
 // instead of hanging forever on a rank that stopped or died (0 = forever).

@@ -62,7 +62,8 @@ struct GroupNormConfig {
 
 // How a shape's elements map to statistics cells (semantics §3), resolved once per
 // distinct input shape. A cell is one index of every non-reduced axis plus one
-// group; cells are numbered row-major over (non-reduced axes..., group).
+// group; cells are numbered row-major over (non-reduced axes..., group). The
+// order in which the kernels walk the elements is internal to the backends.
 struct Plan {
   Shape shape;
   Layout layout = Layout::channels_last;
@@ -77,25 +78,6 @@ struct Plan {
   DType stats_dtype = DType::f32;   // semantics §5
   DType output_dtype = DType::f32;  // semantics §5
   DType compute_dtype = DType::f32;  // f64 when any dtype in play is f64, else f32
-
-  // The element order the kernels walk, one of:
-  //  - channel_rows: x is [outer][rows][row_width] with the channel axis last
-  //    and innermost; column j belongs to cell outer * cells_per_row + j / S
-  //    and channel j % C. (Channels-last, default reduction axes and kin.)
-  //  - contiguous_cells: x is [num_cells][S][inner]; each cell is one
-  //    contiguous run whose channel changes every `inner` elements.
-  //    (Channels-first default and kin.)
-  //  - Any other pattern is gathered into contiguous_cells order first
-  //    (`permuted` is true, `permutation` lists the source axis of each
-  //    gathered axis), a correct but slower path for rare reduction axes.
-  enum class Form { channel_rows, contiguous_cells };
-  Form form = Form::contiguous_cells;
-  int64_t outer = 0, rows = 0, row_width = 0, cells_per_row = 0;  // channel_rows
-  int64_t inner = 0;                                              // contiguous_cells
-  bool permuted = false;
-  Shape permuted_shape;          // shape after the gather, G split from S
-  std::vector<int> permutation;  // axes of the split shape, in gathered order
-  Shape split_shape;             // x's shape with the feature axis split (G, S)
 };
 
 // Validates `config` against an input shape in semantics §2's order (raising

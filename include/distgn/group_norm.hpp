@@ -15,11 +15,12 @@ struct CUstream_st;  // CUDA's stream: cudaStream_t is CUstream_st*
 
 namespace distgn {
 
-// Internals of src/core/backend.hpp: a backend, its per-cell arrays and a
-// call's arrays in its walking order.
+// Internals of src/core: a backend, its per-cell arrays, a call's arrays in
+// its walking order and the plan with that order.
 class Backend;
 class CellStatistics;
 struct KernelInputs;
+struct KernelPlan;
 
 // What forward saves for backward: the plan and, per cell, the statistics
 // the outputs were made with, kept where x is (host or device memory).
@@ -28,7 +29,7 @@ struct KernelInputs;
 class ForwardState {
  public:
   // The plan of the forward call (a default Plan before any).
-  const Plan& plan() const { return plan_; }
+  const Plan& plan() const;
   // Per-cell values in host memory (plan().num_cells each; empty before a
   // forward call). For device tensors the first call copies them over,
   // waiting for the forward's stream.
@@ -39,7 +40,7 @@ class ForwardState {
 
  private:
   friend class GroupNorm;
-  Plan plan_;
+  std::shared_ptr<const KernelPlan> plan_;  // shared with the layer's plan cache
   std::shared_ptr<CellStatistics> cells_;
 };
 

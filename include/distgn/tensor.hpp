@@ -55,4 +55,10 @@ int64_t byte_size(const Shape& shape, DType dtype);
 // "(2, 5, 4)": numpy's spelling, used in error messages.
 std::string shape_string(const Shape& shape);
 
+// Element i of an array of `dtype` at `data`, read as a double, or written
+// from one (rounded to the dtype, to nearest, ties to even). For small
+// arrays and tools (parameters, initializers, test data), not for kernels.
+double load_element(DType dtype, const void* data, int64_t i);
+void store_element(DType dtype, void* data, int64_t i, double v);
+
 }  // namespace distgn

@@ -9,9 +9,6 @@
 #include <sstream>
 
 #include "cli/cli.hpp"
-#include "core/cell_stats.hpp"
-#include "core/group_exchange.hpp"
-#include "core/half.hpp"
 #include "distgn/error.hpp"
 #include "distgn/group_norm.hpp"
 #include "io/npy.hpp"
@@ -60,8 +57,7 @@ void save(const std::string& path, const HostArray& a) {
   // numpy has no bfloat16: write float32, an exact widening.
   const int64_t n = element_count(a.shape);
   std::vector<float> wide(static_cast<size_t>(n));
-  const auto* h = reinterpret_cast<const bfloat16_t*>(a.bytes.data());
-  for (int64_t i = 0; i < n; ++i) wide[size_t(i)] = to_float(h[i]);
+  for (int64_t i = 0; i < n; ++i) wide[size_t(i)] = float(load_element(DType::bf16, a.bytes.data(), i));
   io::write_npy(path, a.shape, io::NpyType::f4, wide.data());
 }
 
@@ -128,7 +124,7 @@ std::string output_problem(const ApplyOptions& o) {
 // Rank 0 writes the outputs: find a bad output path before any work, and
 // make every rank raise, so that nothing is written and nobody hangs.
 void check_output_paths(const ApplyOptions& o, Communicator& comm) {
-  GroupExchange(comm).agree({comm.rank() == 0 ? output_problem(o) : std::string(), "outputs", 0});
+  agree_or_raise(comm, comm.rank() == 0 ? output_problem(o) : std::string(), "outputs");
 }
 
 // The layer's fields the options set, checked in the order their errors are
@@ -331,10 +327,11 @@ void run_apply(const ApplyOptions& options, const std::shared_ptr<Communicator>&
     try {
       call();
     } catch (const std::bad_alloc&) {
-      // The layer's own memory: per-cell statistics, whatever x's size.
+      // The layer's own memory: per-cell statistics, whatever x's size, at
+      // least the count, mean and M2 of each cell.
       throw Error("out of memory: the layer's statistics for the " + std::to_string(plan.num_cells) +
                   " cells of x " + shape_string(x.shape) + " need at least " +
-                  byte_count(plan.num_cells * int64_t(sizeof(CellMoments))) +
+                  byte_count(plan.num_cells * 3 * int64_t(sizeof(double))) +
                   "; free memory, or use fewer groups or fewer non-reduced axes");
     }
   };

@@ -18,9 +18,9 @@
 #include <sstream>
 
 #include "cli/cli.hpp"
-#include "core/element.hpp"
 #include "distgn/error.hpp"
 #include "distgn/group_norm.hpp"
+#include "distgn/tensor.hpp"
 
 namespace distgn::cli {
 namespace {

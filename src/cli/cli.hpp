@@ -10,7 +10,7 @@
 #include "distgn/communicator.hpp"
 #include "distgn/tensor.hpp"
 #if DISTGN_WITH_CUDA
-#include "cuda/device_memory.hpp"
+#include "distgn/device.hpp"
 #endif
 
 namespace CLI {

@@ -6,7 +6,7 @@
 #include "cli/cli.hpp"
 #include "distgn/error.hpp"
 #if DISTGN_WITH_NCCL
-#include "cuda/device_memory.hpp"
+#include "distgn/device.hpp"
 #endif
 
 namespace distgn::cli {

@@ -7,8 +7,7 @@
 #include <stdexcept>
 
 #include "cli/cli.hpp"
-#include "core/array_split.hpp"
-#include "core/group_exchange.hpp"
+#include "distgn/array_split.hpp"
 #include "distgn/error.hpp"
 
 namespace distgn::cli {
@@ -57,7 +56,7 @@ void on_every_rank(Communicator& comm, const char* step_name, const std::functio
   } catch (const std::exception& e) {
     error = e.what();
   }
-  GroupExchange(comm).agree({error, step_name, 0});
+  agree_or_raise(comm, error, step_name);
 }
 
 Sharding requested_sharding(bool ranks_axis, const std::optional<int>& shard_axis) {

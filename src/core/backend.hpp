@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/cell_stats.hpp"
+#include "core/kernel_plan.hpp"
 #include "distgn/config.hpp"
 #include "distgn/error.hpp"
 #include "distgn/tensor.hpp"
@@ -32,7 +33,7 @@ struct CellRange {
 // One rank's data for one call, in the plan's walking order (gathered when
 // plan.permuted), on the backend's device. From Backend::inputs.
 struct KernelInputs {
-  const Plan* plan;
+  const KernelPlan* plan;
   const void* x;        // plan->input_dtype
   const uint8_t* mask;  // one byte per element of x, or null (all valid)
   const void* dy;       // backward: dy in walking order, or null
@@ -77,21 +78,21 @@ class Backend {
   // ---- a call's arrays ------------------------------------------------------------------
   // x, the mask (broadcast to a byte per element) and dy in walking order.
   // The mask may be in host memory for a device backend.
-  virtual KernelInputs inputs(const Plan& plan, const void* x, const MaskView* mask, const void* dy,
+  virtual KernelInputs inputs(const KernelPlan& plan, const void* x, const MaskView* mask, const void* dy,
                               DType dy_dtype) = 0;
   // Where the kernels write an output of `dtype`: `out`, or a walking-order
   // buffer that finish_output scatters into `out`.
-  virtual void* output(const Plan& plan, void* out, DType dtype) = 0;
-  virtual void finish_output(const Plan& plan, void* out, DType dtype) = 0;
+  virtual void* output(const KernelPlan& plan, void* out, DType dtype) = 0;
+  virtual void finish_output(const KernelPlan& plan, void* out, DType dtype) = 0;
   // The parameters as doubles in host memory (scale, bias: C values or null),
   // for the following steps.
-  virtual void set_parameters(const Plan& plan, const double* scale, const double* bias) = 0;
+  virtual void set_parameters(const KernelPlan& plan, const double* scale, const double* bias) = 0;
 
   // The blocks of cells the flow runs over: with `one_rank` (no collective
   // between the steps), blocks whose data stays in cache (host) or L2
   // (device) from one pass to the next; otherwise one block of every cell.
   // None when there is no cell.
-  virtual std::vector<CellRange> blocks(const Plan& plan, int bytes_per_element, bool one_rank) const = 0;
+  virtual std::vector<CellRange> blocks(const KernelPlan& plan, int bytes_per_element, bool one_rank) const = 0;
 
   // ---- forward ------------------------------------------------------------------------------
   // Per-cell arrays for `cells` cells: `held` itself when nobody else holds

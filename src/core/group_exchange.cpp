@@ -109,6 +109,10 @@ void merge_in_rank_order(const double* gathered, size_t stride, int ranks, int64
   }
 }
 
+void agree_or_raise(Communicator& comm, const std::string& error, std::string_view step) {
+  GroupExchange(comm).agree({error, step, 0});
+}
+
 void sum_or_raise(Communicator& comm, const std::string& error, double* values, size_t count,
                   size_t flag) {
   const CollectiveLabel label("backward sums of GroupNorm");

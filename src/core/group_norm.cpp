@@ -8,11 +8,11 @@
 #include <sstream>
 
 #include "core/backend.hpp"
-#include "core/element.hpp"
 #include "core/equal_parts.hpp"
 #include "core/group_exchange.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "distgn/error.hpp"
+#include "distgn/tensor.hpp"
 #if DISTGN_WITH_CUDA
 #include "cuda/cuda_backend.hpp"
 #endif
@@ -150,8 +150,7 @@ struct GroupNorm::Workspace {
   std::unique_ptr<GroupExchange> exchange;
   // The plan of the last input seen and what the ranks agree on, reused
   // while shape, layout and dtype repeat.
-  bool have_plan = false;
-  Plan plan;
+  std::shared_ptr<const KernelPlan> plan;  // null until a call's shape resolves
   std::string signature;
   // Per-call host buffers, kept across calls: the collectives' payloads.
   std::vector<CellMoments> moments;
@@ -175,7 +174,7 @@ struct GroupNorm::Workspace {
 
   // The call's backend given the parameters (host doubles, or null), with
   // x, the mask and dy (or null) in its walking order in `in`.
-  Backend& begin(const Plan& p, const TensorView& x, const MaskView* mask, const TensorView* dy,
+  Backend& begin(const KernelPlan& p, const TensorView& x, const MaskView* mask, const TensorView* dy,
                  const double* scale_values, const double* bias_values, CUstream_st* stream, KernelInputs& in) {
     Backend& backend = backend_for(x.device, stream);
     backend.set_parameters(p, scale_values, bias_values);
@@ -189,14 +188,16 @@ struct GroupNorm::Workspace {
     backend.store_statistics(block, finalized, stats);
   }
 
-  const Plan& plan_for(const GroupNormConfig& config, const TensorView& x) {
-    if (!have_plan || x.shape != plan.shape || x.layout != plan.layout || x.dtype != plan.input_dtype) {
-      have_plan = false;
-      plan = resolve(config, x.shape, x.layout, x.dtype);
-      signature = signature_of(plan, config);
-      have_plan = true;
+  // A new plan object per new shape: a ForwardState that shares the old one
+  // keeps it.
+  const KernelPlan& plan_for(const GroupNormConfig& config, const TensorView& x) {
+    if (!plan || x.shape != plan->shape || x.layout != plan->layout || x.dtype != plan->input_dtype) {
+      plan.reset();
+      auto resolved = std::make_shared<const KernelPlan>(resolve_kernel_plan(config, x.shape, x.layout, x.dtype));
+      signature = signature_of(*resolved, config);
+      plan = std::move(resolved);
     }
-    return plan;
+    return *plan;
   }
 
 };
@@ -288,6 +289,16 @@ const HostCellStatistics& host_statistics(const std::shared_ptr<CellStatistics>&
 }
 }  // namespace
 
+namespace {
+// A state's plan, or an empty one (no cells) before its first forward call.
+const KernelPlan& plan_of(const std::shared_ptr<const KernelPlan>& plan) {
+  static const KernelPlan none;
+  return plan ? *plan : none;
+}
+}  // namespace
+
+const Plan& ForwardState::plan() const { return plan_of(plan_); }
+
 const std::vector<double>& ForwardState::mean() const { return host_statistics(cells_).mean; }
 const std::vector<double>& ForwardState::rstd() const { return host_statistics(cells_).rstd; }
 const std::vector<double>& ForwardState::count() const { return host_statistics(cells_).count; }
@@ -335,7 +346,7 @@ std::string GroupNorm::check_forward(const TensorView& x, const TensorView* y, c
 std::string GroupNorm::check_backward(const TensorView& x, const TensorView& dy, const MaskView* mask,
                                       const ForwardState& state, const TensorView* dx, const TensorView* dscale,
                                       const TensorView* dbias) const {
-  const Plan& plan = state.plan_;
+  const Plan& plan = state.plan();
   const int64_t cells = plan.num_cells, channels = plan.channels;
   try {
     check_device_supported("x", x.device);
@@ -370,12 +381,12 @@ std::string GroupNorm::check_backward(const TensorView& x, const TensorView& dy,
 Backend& GroupNorm::begin_forward(const TensorView& x, const TensorView& y, const MaskView* mask, ForwardState& state,
                                   KernelInputs& in, void*& out) {
   Workspace& ws = *workspace_;
-  const Plan& plan = ws.plan;
+  const KernelPlan& plan = *ws.plan;
   load_parameters(plan.channels, ws.scale, ws.bias);
   Backend& backend = ws.begin(plan, x, mask, nullptr, config_.use_scale ? ws.scale.data() : nullptr,
                               config_.use_bias ? ws.bias.data() : nullptr, stream_, in);
   out = backend.output(plan, y.data, plan.output_dtype);
-  state.plan_ = plan;
+  state.plan_ = ws.plan;
   state.cells_ = backend.cell_statistics(std::move(state.cells_), plan.num_cells);
   return backend;
 }
@@ -392,7 +403,7 @@ void GroupNorm::forward(const TensorView& x, const TensorView& y, const MaskView
     if (distributed) ws.exchange->merge(input, ws.moments);  // raises on every rank
     throw Error(input.error);
   }
-  const Plan& plan = ws.plan;
+  const KernelPlan& plan = *ws.plan;
   input.signature = ws.signature;  // a view: no copy per call
   input.num_cells = plan.num_cells;
   KernelInputs in;
@@ -424,7 +435,7 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
                          const ForwardState& state, const TensorView& dx, const TensorView* dscale,
                          const TensorView* dbias, ParamGradReduction reduction) {
   Workspace& ws = *workspace_;
-  const Plan& plan = state.plan_;
+  const KernelPlan& plan = plan_of(state.plan_);
   const bool distributed = group_comm_->size() > 1;
   const bool whole_group = group_comm_->size() == comm_->size();
   const bool params_with_group = reduction == ParamGradReduction::group ||
@@ -488,7 +499,7 @@ void GroupNorm::backward(const TensorView& x, const TensorView& dy, const MaskVi
 std::vector<double> GroupNorm::forward_partial_stats(const TensorView& x, const MaskView* mask) {
   Workspace& ws = *workspace_;
   if (const std::string error = check_forward(x, nullptr, mask); !error.empty()) throw Error(error);
-  const Plan& plan = ws.plan;
+  const KernelPlan& plan = *ws.plan;
   // The partial statistics read no parameter: none are loaded here.
   KernelInputs in;
   Backend& backend = ws.begin(plan, x, mask, nullptr, nullptr, nullptr, stream_, in);
@@ -509,7 +520,7 @@ void GroupNorm::forward_finish(const TensorView& x, const TensorView& y, const M
   Workspace& ws = *workspace_;
   ForwardState& state = state_out ? *state_out : ws.state;
   if (const std::string error = check_forward(x, &y, mask); !error.empty()) throw Error(error);
-  const Plan& plan = ws.plan;
+  const KernelPlan& plan = *ws.plan;
   if (ranks < 1 || (!gathered && plan.num_cells > 0))
     throw Error("forward_finish needs the partial statistics of at least one rank, got " + std::to_string(ranks));
   KernelInputs in;
@@ -530,7 +541,7 @@ std::vector<double> GroupNorm::backward_partial_sums(const TensorView& x, const 
   Workspace& ws = *workspace_;
   if (const std::string error = check_backward(x, dy, mask, state, nullptr, nullptr, nullptr); !error.empty())
     throw Error(error);
-  const Plan& plan = state.plan_;
+  const KernelPlan& plan = plan_of(state.plan_);
   load_parameters(plan.channels, ws.scale, ws.bias);
   KernelInputs in;
   Backend& backend =
@@ -547,7 +558,7 @@ void GroupNorm::backward_finish(const TensorView& x, const TensorView& dy, const
   Workspace& ws = *workspace_;
   if (const std::string error = check_backward(x, dy, mask, state, &dx, dscale, dbias); !error.empty())
     throw Error(error);
-  const Plan& plan = state.plan_;
+  const KernelPlan& plan = plan_of(state.plan_);
   if (!summed && plan.num_cells + plan.channels > 0) throw Error("backward_finish needs the summed partial sums");
   load_parameters(plan.channels, ws.scale, ws.bias);
   KernelInputs in;

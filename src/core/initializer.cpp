@@ -4,8 +4,8 @@
 #include <cmath>
 #include <vector>
 
-#include "core/element.hpp"
 #include "distgn/config.hpp"
+#include "distgn/tensor.hpp"
 
 namespace distgn {
 namespace {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <string>
 
+#include "core/kernel_plan.hpp"
 #include "distgn/config.hpp"
 #include "distgn/error.hpp"
 
@@ -67,7 +68,7 @@ struct Block {
 
 // Fills the plan's walking order. The split shape is x's shape with the
 // feature axis replaced by (G, S); G is kept, S reduced.
-void choose_form(Plan& plan, const std::vector<bool>& split_reduced) {
+void choose_form(KernelPlan& plan, const std::vector<bool>& split_reduced) {
   const Shape& split = plan.split_shape;
   const int split_g = plan.feature_axis;  // index of G in the split shape
   std::vector<Block> blocks;
@@ -83,14 +84,14 @@ void choose_form(Plan& plan, const std::vector<bool>& split_reduced) {
   }
   const bool last = plan.layout == Layout::channels_last;
   if (blocks.size() == 2 && blocks[0].kept) {
-    plan.form = Plan::Form::contiguous_cells;
+    plan.form = KernelPlan::Form::contiguous_cells;
     plan.inner = plan.group_size ? plan.cell_elements / plan.group_size : 0;
     return;
   }
   if (last && !blocks.back().kept && (blocks.size() == 3 || blocks.size() == 4)) {
     // [K]?[R][K][R=S]: rows of kept columns, the channel axis innermost.
     const size_t first_reduced = blocks.size() - 3;
-    plan.form = Plan::Form::channel_rows;
+    plan.form = KernelPlan::Form::channel_rows;
     plan.outer = first_reduced ? blocks[0].extent : 1;
     plan.rows = blocks[first_reduced].extent;
     plan.cells_per_row = blocks[first_reduced + 1].extent;
@@ -99,7 +100,7 @@ void choose_form(Plan& plan, const std::vector<bool>& split_reduced) {
   }
   // Gather into [kept axes..., G][S][other reduced axes...]: contiguous cells.
   plan.permuted = true;
-  plan.form = Plan::Form::contiguous_cells;
+  plan.form = KernelPlan::Form::contiguous_cells;
   plan.inner = plan.group_size ? plan.cell_elements / plan.group_size : 0;
   for (int d = 0; d < int(split.size()); ++d)
     if (!split_reduced[d] && d != split_g) plan.permutation.push_back(d);
@@ -123,7 +124,8 @@ DType output_dtype(const GroupNormConfig& config, DType input_dtype) {
   return input_dtype;
 }
 
-Plan resolve(const GroupNormConfig& config, const Shape& shape, Layout layout, DType input_dtype) {
+KernelPlan resolve_kernel_plan(const GroupNormConfig& config, const Shape& shape, Layout layout,
+                               DType input_dtype) {
   const int rank = int(shape.size());
   const int min_rank = layout == Layout::channels_last ? 1 : 2;
   if (rank < min_rank)
@@ -136,7 +138,7 @@ Plan resolve(const GroupNormConfig& config, const Shape& shape, Layout layout, D
   // below are products of some of them, so they cannot overflow after this.
   element_count(shape);
 
-  Plan plan;
+  KernelPlan plan;
   plan.shape = shape;
   plan.layout = layout;
   plan.feature_axis = layout == Layout::channels_last ? rank - 1 : 1;
@@ -181,6 +183,10 @@ Plan resolve(const GroupNormConfig& config, const Shape& shape, Layout layout, D
   }
   choose_form(plan, split_reduced);
   return plan;
+}
+
+Plan resolve(const GroupNormConfig& config, const Shape& shape, Layout layout, DType input_dtype) {
+  return resolve_kernel_plan(config, shape, layout, input_dtype);
 }
 
 }  // namespace distgn

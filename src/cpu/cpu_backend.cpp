@@ -36,7 +36,7 @@ struct Coefficients {
 };
 
 // The mask expanded to one byte per element of x (numpy broadcasting).
-void broadcast_mask(const Plan& plan, const MaskView& mask, std::vector<uint8_t>& out) {
+void broadcast_mask(const KernelPlan& plan, const MaskView& mask, std::vector<uint8_t>& out) {
   const Shape& x = plan.shape;
   const size_t rank = x.size(), lead = rank - mask.shape.size();
   std::vector<int64_t> stride(rank, 0);
@@ -126,7 +126,7 @@ constexpr int64_t kStreamedOutputBytes = int64_t(16) << 20;
 // Whether the kernels stream their output of type Y for this plan: float32
 // only (the other types are written in their own type from registers).
 template <class Y>
-bool streams_output(const Plan& p) {
+bool streams_output(const KernelPlan& p) {
   return std::is_same_v<Y, float> && stream_rows_in_hardware() &&
          p.num_cells * p.cell_elements * int64_t(sizeof(float)) > kStreamedOutputBytes;
 }
@@ -159,9 +159,9 @@ struct Chunking {
   int64_t step = 0;       // rows or elements per chunk
 };
 
-Chunking chunking(const Plan& plan, CellRange cells) {
+Chunking chunking(const KernelPlan& plan, CellRange cells) {
   Chunking c;
-  if (plan.form == Plan::Form::channel_rows) {
+  if (plan.form == KernelPlan::Form::channel_rows) {
     const int64_t slabs = cells.size() / plan.cells_per_row;
     const EqualParts parts =
         equal_parts(plan.rows, std::max<int64_t>(1, kChunkElements / std::max<int64_t>(plan.row_width, 1)));
@@ -305,7 +305,7 @@ constexpr int64_t kPrefetchBlocks = 4;
 // -> 0.73 ms, its backward 1.25 -> 1.8 ms), so larger calls go row by row
 // (the statistics of narrow rows excepted).
 constexpr int64_t kCacheResidentBytes = int64_t(4) << 20;
-bool cache_resident(const Plan& p) {
+bool cache_resident(const KernelPlan& p) {
   return p.num_cells * p.cell_elements * int64_t(dtype_size(p.input_dtype)) <= kCacheResidentBytes;
 }
 
@@ -460,7 +460,7 @@ class CpuBackend final : public Backend {
  public:
   // ---- a call's arrays ----------------------------------------------------------------
 
-  KernelInputs inputs(const Plan& p, const void* x, const MaskView* mask, const void* dy, DType dy_dtype) override {
+  KernelInputs inputs(const KernelPlan& p, const void* x, const MaskView* mask, const void* dy, DType dy_dtype) override {
     KernelInputs in{&p, walking_order(p, x, dtype_size(p.input_dtype), x_gathered_), nullptr,
                     dy ? walking_order(p, dy, dtype_size(dy_dtype), dy_gathered_) : nullptr, dy_dtype};
     if (mask) {
@@ -473,15 +473,15 @@ class CpuBackend final : public Backend {
     }
     return in;
   }
-  void* output(const Plan& p, void* out, DType dtype) override {
+  void* output(const KernelPlan& p, void* out, DType dtype) override {
     if (!p.permuted) return out;
     out_gathered_.resize(size_t(byte_size(p.shape, dtype)));
     return out_gathered_.data();
   }
-  void finish_output(const Plan& p, void* out, DType dtype) override {
+  void finish_output(const KernelPlan& p, void* out, DType dtype) override {
     if (p.permuted) permute_on_host(p, out_gathered_.data(), out, dtype_size(dtype), false);
   }
-  void set_parameters(const Plan&, const double* scale, const double* bias) override {
+  void set_parameters(const KernelPlan&, const double* scale, const double* bias) override {
     scale_ = scale;
     bias_ = bias;
   }
@@ -489,11 +489,11 @@ class CpuBackend final : public Backend {
   // Blocks of about kFusedBlockElements elements (whole cells, whole rows of
   // cells for channel_rows), so that a block is still in cache when the
   // second pass reads it.
-  std::vector<CellRange> blocks(const Plan& p, int, bool one_rank) const override {
+  std::vector<CellRange> blocks(const KernelPlan& p, int, bool one_rank) const override {
     std::vector<CellRange> out;
     if (p.num_cells == 0) return out;
     if (!one_rank) return {{0, p.num_cells}};
-    const int64_t unit = p.form == Plan::Form::channel_rows ? p.cells_per_row : 1;
+    const int64_t unit = p.form == KernelPlan::Form::channel_rows ? p.cells_per_row : 1;
     const int64_t unit_elements = std::max<int64_t>(1, unit * p.cell_elements);
     const int64_t per_block =
         equal_parts(p.num_cells / unit, std::max<int64_t>(1, kFusedBlockElements / unit_elements)).size * unit;
@@ -520,7 +520,7 @@ class CpuBackend final : public Backend {
                                                                                                 : DType::f32,
                         [&](auto a_tag) {
         using A = decltype(a_tag);
-        if (in.plan->form == Plan::Form::channel_rows)
+        if (in.plan->form == KernelPlan::Form::channel_rows)
           stats_rows<T, A>(in, cells, moments);
         else
           stats_contiguous<T, A>(in, cells, moments);
@@ -548,7 +548,7 @@ class CpuBackend final : public Backend {
           using T = decltype(x_tag);
           using Y = decltype(y_tag);
           using C = decltype(c_tag);
-          if (in.plan->form == Plan::Form::channel_rows)
+          if (in.plan->form == KernelPlan::Form::channel_rows)
             normalize_rows<T, Y, C>(in, cells, coef, static_cast<Y*>(y));
           else
             normalize_contiguous<T, Y, C>(in, cells, coef, static_cast<Y*>(y));
@@ -568,7 +568,7 @@ class CpuBackend final : public Backend {
           using T = decltype(x_tag);
           using D = decltype(dy_tag);
           using C = decltype(c_tag);
-          if (in.plan->form == Plan::Form::channel_rows)
+          if (in.plan->form == KernelPlan::Form::channel_rows)
             backward_sums_rows<T, D, C>(in, static_cast<const D*>(in.dy), cells, coef, cell_sums, channel_sums);
           else
             backward_sums_contiguous<T, D, C>(in, static_cast<const D*>(in.dy), cells, coef, cell_sums,
@@ -598,7 +598,7 @@ class CpuBackend final : public Backend {
           using T = decltype(x_tag);
           using D = decltype(dy_tag);
           using C = decltype(c_tag);
-          if (in.plan->form == Plan::Form::channel_rows)
+          if (in.plan->form == KernelPlan::Form::channel_rows)
             input_grad_rows<T, D, C>(in, static_cast<const D*>(in.dy), cells, coef, cell_terms,
                                      static_cast<T*>(dx));
           else
@@ -654,7 +654,7 @@ class CpuBackend final : public Backend {
 
   template <class T, class A>
   void stats_rows(const KernelInputs& in, CellRange cells, CellMoments* moments) {
-    const Plan& p = *in.plan;
+    const KernelPlan& p = *in.plan;
     const int64_t width = p.row_width, per_row = p.cells_per_row, S = p.group_size;
     const Chunking ch = chunking(p, cells);
     const int64_t first_slab = cells.begin / per_row;
@@ -733,7 +733,7 @@ class CpuBackend final : public Backend {
   };
 
   template <class C>
-  void fill_row_coefficients(const Plan& p, const Coefficients& coef, const double* cell_terms,
+  void fill_row_coefficients(const KernelPlan& p, const Coefficients& coef, const double* cell_terms,
                              int64_t slab, RowCoefficients<C>& rc) {
     const int64_t width = p.row_width;
     for (auto* v : {&rc.mean, &rc.rstd, &rc.mul, &rc.bias, &rc.scale, &rc.centered_coef, &rc.offset})
@@ -760,7 +760,7 @@ class CpuBackend final : public Backend {
   // of one slab) over the OpenMP threads; rc holds the slab's per-column
   // coefficients, refilled only when a thread moves to another slab.
   template <class C, class F>
-  void for_each_row_chunk(const Plan& p, CellRange cells, const Coefficients& coef,
+  void for_each_row_chunk(const KernelPlan& p, CellRange cells, const Coefficients& coef,
                           const double* cell_terms, const Chunking& ch, F&& f) {
     reserve_threads();
     const int64_t first_slab = cells.begin / p.cells_per_row;
@@ -779,7 +779,7 @@ class CpuBackend final : public Backend {
 
   template <class T, class Y, class C>
   void normalize_rows(const KernelInputs& in, CellRange cells, const Coefficients& coef, Y* y) {
-    const Plan& p = *in.plan;
+    const KernelPlan& p = *in.plan;
     const int64_t width = p.row_width;
     const T* x = static_cast<const T*>(in.x);
     const bool stream = streams_output<Y>(p), resident = cache_resident(p);
@@ -819,7 +819,7 @@ class CpuBackend final : public Backend {
   template <class T, class D, class C>
   void backward_sums_rows(const KernelInputs& in, const D* dy, CellRange cells,
                           const Coefficients& coef, double* cell_sums, double* channel_sums) {
-    const Plan& p = *in.plan;
+    const KernelPlan& p = *in.plan;
     const int64_t width = p.row_width, per_row = p.cells_per_row, S = p.group_size;
     const int64_t channels = p.channels;
     const Chunking ch = chunking(p, cells);
@@ -869,7 +869,7 @@ class CpuBackend final : public Backend {
   template <class T, class D, class C>
   void input_grad_rows(const KernelInputs& in, const D* dy, CellRange cells,
                        const Coefficients& coef, const double* cell_terms, T* dx) {
-    const Plan& p = *in.plan;
+    const KernelPlan& p = *in.plan;
     const int64_t width = p.row_width;
     const T* x = static_cast<const T*>(in.x);
     const bool resident = cache_resident(p);
@@ -932,7 +932,7 @@ class CpuBackend final : public Backend {
 
   template <class T, class A>
   void stats_contiguous(const KernelInputs& in, CellRange cells, CellMoments* moments) {
-    const Plan& p = *in.plan;
+    const KernelPlan& p = *in.plan;
     const int64_t length = p.cell_elements;
     const Chunking ch = chunking(p, cells);
     CellMoments* chunk_moments = chunk_buffer(moments_, size_t(ch.count));
@@ -983,7 +983,7 @@ class CpuBackend final : public Backend {
   // Calls f(channel, first, last) for each run of one channel within
   // elements [e0, e1) of a cell.
   template <class F>
-  static void for_channel_runs(const Plan& p, int64_t cell, int64_t e0, int64_t e1, F&& f) {
+  static void for_channel_runs(const KernelPlan& p, int64_t cell, int64_t e0, int64_t e1, F&& f) {
     const int64_t inner = p.inner, group = cell % p.num_groups;
     for (int64_t e = e0; e < e1;) {
       const int64_t s = e / inner, run_end = std::min(e1, (s + 1) * inner);
@@ -995,7 +995,7 @@ class CpuBackend final : public Backend {
   template <class T, class Y, class C>
   void normalize_contiguous(const KernelInputs& in, CellRange cells, const Coefficients& coef,
                             Y* y) {
-    const Plan& p = *in.plan;
+    const KernelPlan& p = *in.plan;
     const int64_t length = p.cell_elements;
     const Chunking ch = chunking(p, cells);
     const T* x = static_cast<const T*>(in.x);
@@ -1025,7 +1025,7 @@ class CpuBackend final : public Backend {
   void backward_sums_contiguous(const KernelInputs& in, const D* dy, CellRange cells,
                                 const Coefficients& coef, double* cell_sums,
                                 double* channel_sums) {
-    const Plan& p = *in.plan;
+    const KernelPlan& p = *in.plan;
     const int64_t length = p.cell_elements, S = p.group_size;
     const Chunking ch = chunking(p, cells);
     // Per chunk: A, B, then sum dy and sum dy*xhat per channel of its group.
@@ -1076,7 +1076,7 @@ class CpuBackend final : public Backend {
   template <class T, class D, class C>
   void input_grad_contiguous(const KernelInputs& in, const D* dy, CellRange cells,
                              const Coefficients& coef, const double* cell_terms, T* dx) {
-    const Plan& p = *in.plan;
+    const KernelPlan& p = *in.plan;
     const int64_t length = p.cell_elements;
     const Chunking ch = chunking(p, cells);
     const T* x = static_cast<const T*>(in.x);
@@ -1140,12 +1140,12 @@ class CpuBackend final : public Backend {
   // broadcast to x's shape.
   std::vector<uint8_t> x_gathered_, dy_gathered_, mask_full_, mask_gathered_, out_gathered_;
 
-  Coefficients coefficients(const Plan& p, const CellStatistics& stats, const double* bias) const {
+  Coefficients coefficients(const KernelPlan& p, const CellStatistics& stats, const double* bias) const {
     const HostCellStatistics& s = stats.host();
     return {p.compute_dtype, s.mean.data(), s.rstd.data(), scale_, bias};
   }
   // `data` (the plan's shape) in walking order: itself, or gathered into `buffer`.
-  const void* walking_order(const Plan& p, const void* data, int element_bytes, std::vector<uint8_t>& buffer) {
+  const void* walking_order(const KernelPlan& p, const void* data, int element_bytes, std::vector<uint8_t>& buffer) {
     if (!p.permuted) return data;
     buffer.resize(size_t(element_count(p.shape) * element_bytes));
     permute_on_host(p, data, buffer.data(), element_bytes, true);
@@ -1155,7 +1155,7 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
-void permute_on_host(const Plan& plan, const void* src, void* dst, int element_bytes, bool gather) {
+void permute_on_host(const KernelPlan& plan, const void* src, void* dst, int element_bytes, bool gather) {
   // Walk the gathered order; for each gathered index find the source offset.
   const int rank = int(plan.permutation.size());
   std::vector<int64_t> source_stride(plan.split_shape.size());

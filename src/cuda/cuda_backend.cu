@@ -8,7 +8,6 @@
 #include <cstring>
 #include <initializer_list>
 
-#include "core/element.hpp"
 #include "cuda/cuda_check.hpp"
 #include "cuda/device_memory.hpp"
 #include "cuda/index_maps.hpp"
@@ -201,25 +200,25 @@ class CudaBackend final : public Backend {
 
   // ---- a call's arrays ----------------------------------------------------------------
 
-  KernelInputs inputs(const Plan& p, const void* x, const MaskView* mask, const void* dy, DType dy_dtype) override {
+  KernelInputs inputs(const KernelPlan& p, const void* x, const MaskView* mask, const void* dy, DType dy_dtype) override {
     return {&p, walking(p, x, dtype_size(p.input_dtype), x_walk_), walking_mask(p, mask),
             dy ? walking(p, dy, dtype_size(dy_dtype), dy_walk_) : nullptr, dy_dtype};
   }
-  void* output(const Plan& p, void* out, DType dtype) override {
+  void* output(const KernelPlan& p, void* out, DType dtype) override {
     return p.permuted ? out_walk_.get(size_t(byte_size(p.shape, dtype)), stream_) : out;
   }
-  void finish_output(const Plan& p, void* out, DType dtype) override {
+  void finish_output(const KernelPlan& p, void* out, DType dtype) override {
     const int64_t elements = element_count(p.shape);
     if (p.permuted && elements > 0)
       cuda::permute(stream_, cuda::walking_source_map(p), elements, dtype_size(dtype), out_walk_.get(0, stream_),
                     out, false);
   }
-  void set_parameters(const Plan& p, const double* scale, const double* bias) override {
+  void set_parameters(const KernelPlan& p, const double* scale, const double* bias) override {
     upload_parameters(p.channels, scale, bias, bias != nullptr);
     has_scale_ = scale != nullptr;
     has_bias_ = bias != nullptr;
   }
-  std::vector<CellRange> blocks(const Plan& p, int bytes_per_element, bool one_rank) const override {
+  std::vector<CellRange> blocks(const KernelPlan& p, int bytes_per_element, bool one_rank) const override {
     if (p.num_cells == 0) return {};
     if (!one_rank) return {{0, p.num_cells}};
     return waves(p, bytes_per_element);
@@ -237,7 +236,7 @@ class CudaBackend final : public Backend {
   }
 
   void partial_stats(const KernelInputs& in, CellRange cells, CellMoments* moments) override {
-    const Plan& p = *in.plan;
+    const KernelPlan& p = *in.plan;
     CellMoments* device = moments_.get_as<CellMoments>(size_t(p.num_cells), stream_);
     stats(p, in.x, in.mask, cells, device, nullptr, FinalizeParams{});
     down_.begin(size_t(cells.size()) * sizeof(CellMoments));
@@ -268,7 +267,7 @@ class CudaBackend final : public Backend {
 
   void normalize(const KernelInputs& in, CellRange cells, const CellStatistics& stats, void* y,
                  DType y_dtype) override {
-    const Plan& p = *in.plan;
+    const KernelPlan& p = *in.plan;
     const cuda::CoefficientsView coef =
         coefficients(p, static_cast<const DeviceCells&>(stats).view(), has_scale_, has_bias_);
     normalize(p, in.x, cells, coef, y, y_dtype, p.compute_dtype);
@@ -278,7 +277,7 @@ class CudaBackend final : public Backend {
 
   void backward_sums(const KernelInputs& in, CellRange cells, const CellStatistics& stats, double* cell_sums,
                      double* channel_sums) override {
-    const Plan& p = *in.plan;
+    const KernelPlan& p = *in.plan;
     double* channels = channel_sums_.get_as<double>(size_t(2 * std::max<int64_t>(p.channels, 1)), stream_);
     cuda::channel_sums(stream_, sums(p, backward_inputs(in, stats), cells, nullptr), channels, false);
     host_channels_.resize(size_t(2 * p.channels));
@@ -306,14 +305,14 @@ class CudaBackend final : public Backend {
   // sums add up in channel_sums_.
   bool finalizes_terms() const override { return true; }
   void sums_and_terms(const KernelInputs& in, CellRange cells, const CellStatistics& stats, bool first) override {
-    const Plan& p = *in.plan;
+    const KernelPlan& p = *in.plan;
     SumPair* terms = terms_.get_as<SumPair>(size_t(std::max<int64_t>(p.num_cells, 1)), stream_);
     double* channels = channel_sums_.get_as<double>(size_t(2 * std::max<int64_t>(p.channels, 1)), stream_);
     cuda::channel_sums(stream_, sums(p, backward_inputs(in, stats), cells, terms), channels, !first);
   }
 
   void input_grad(const KernelInputs& in, CellRange cells, const CellStatistics& stats, void* dx) override {
-    const Plan& p = *in.plan;
+    const KernelPlan& p = *in.plan;
     SumPair* terms = terms_.get_as<SumPair>(size_t(std::max<int64_t>(p.num_cells, 1)), stream_);
     input_grad(p, backward_inputs(in, stats), in.mask, terms, dx, cells);
   }
@@ -363,7 +362,7 @@ class CudaBackend final : public Backend {
     up_.end();
   }
 
-  cuda::CoefficientsView coefficients(const Plan& p, const CellStateView& cells, bool scale, bool bias) {
+  cuda::CoefficientsView coefficients(const KernelPlan& p, const CellStateView& cells, bool scale, bool bias) {
     double* params = parameters_.get_as<double>(size_t(2 * std::max<int64_t>(p.channels, 1)), stream_);
     cuda::CoefficientsView c;
     c.mean = cells.mean;
@@ -391,7 +390,7 @@ class CudaBackend final : public Backend {
 
   // ---- walking order ---------------------------------------------------------------------
 
-  const void* walking(const Plan& p, const void* data, int element_bytes, Scratch& buffer) {
+  const void* walking(const KernelPlan& p, const void* data, int element_bytes, Scratch& buffer) {
     if (!p.permuted) return data;
     const int64_t elements = element_count(p.shape);
     void* gathered = buffer.get(size_t(std::max<int64_t>(elements, 1) * element_bytes), stream_);
@@ -399,7 +398,7 @@ class CudaBackend final : public Backend {
     return gathered;
   }
 
-  const uint8_t* walking_mask(const Plan& p, const MaskView* mask) {
+  const uint8_t* walking_mask(const KernelPlan& p, const MaskView* mask) {
     if (!mask) return nullptr;
     const int64_t elements = element_count(p.shape), mask_elements = element_count(mask->shape);
     const uint8_t* source = mask->data;
@@ -421,9 +420,9 @@ class CudaBackend final : public Backend {
   // A group of one rank runs statistics and normalisation per wave of whole
   // slabs (cells) whose data fits comfortably in L2, so that the second pass
   // reads from L2 rather than memory. Small inputs are one wave.
-  std::vector<CellRange> waves(const Plan& p, int64_t bytes_per_element) const {
+  std::vector<CellRange> waves(const KernelPlan& p, int64_t bytes_per_element) const {
     const int64_t cells = p.num_cells;
-    const int64_t unit = p.form == Plan::Form::channel_rows ? p.cells_per_row : 1;
+    const int64_t unit = p.form == KernelPlan::Form::channel_rows ? p.cells_per_row : 1;
     const int64_t unit_bytes = std::max<int64_t>(1, unit * p.cell_elements * bytes_per_element);
     const int64_t total = cells / std::max<int64_t>(unit, 1) * unit_bytes;
     std::vector<CellRange> out;
@@ -441,19 +440,19 @@ class CudaBackend final : public Backend {
   // The plan's form over `cells`. vec: 16 bytes of the input dtype where
   // the kernels are typed for the call's dtypes, every pointer is 16-byte
   // aligned and (channel_rows) vec divides the row; else 1.
-  cuda::Geometry geometry(const Plan& p, CellRange cells, bool typed,
+  cuda::Geometry geometry(const KernelPlan& p, CellRange cells, bool typed,
                           std::initializer_list<const void*> pointers) const {
     int vec = typed ? cuda::full_vec(p.input_dtype) : 1;
     for (const void* ptr : pointers)
       if (ptr && !aligned16(ptr)) vec = 1;
-    if (p.form == Plan::Form::channel_rows) {
+    if (p.form == KernelPlan::Form::channel_rows) {
       if (p.row_width % vec != 0) vec = 1;
       return cuda::rows_geometry(cells.size() / p.cells_per_row, p.rows, p.row_width, p.group_size, vec, sms_);
     }
     return cuda::cells_geometry(cells.size(), p.group_size, p.inner, vec, sms_);
   }
 
-  void stats(const Plan& p, const void* x, const uint8_t* mask, CellRange cells, CellMoments* moments,
+  void stats(const KernelPlan& p, const void* x, const uint8_t* mask, CellRange cells, CellMoments* moments,
              const CellStateView* state, const FinalizeParams& fin) {
     cuda::StatsArgs a;
     a.g = geometry(p, cells, true, {x, mask});
@@ -470,7 +469,7 @@ class CudaBackend final : public Backend {
     cuda::stats(stream_, a);
   }
 
-  void normalize(const Plan& p, const void* x, CellRange cells, const cuda::CoefficientsView& coef, void* y,
+  void normalize(const KernelPlan& p, const void* x, CellRange cells, const cuda::CoefficientsView& coef, void* y,
                  DType y_dtype, DType compute) {
     cuda::NormalizeArgs a;
     a.g = geometry(p, cells, cuda::normalize_has_typed(p.input_dtype, y_dtype, compute), {x, y});
@@ -485,7 +484,7 @@ class CudaBackend final : public Backend {
   }
 
   // The sums launch, returned for the channel sums that follow it.
-  cuda::SumsArgs sums(const Plan& p, const cuda::BackwardInputs& in, CellRange cells, SumPair* terms) {
+  cuda::SumsArgs sums(const KernelPlan& p, const cuda::BackwardInputs& in, CellRange cells, SumPair* terms) {
     cuda::SumsArgs a;
     a.g = geometry(p, cells, cuda::backward_has_typed(in.x_dtype, in.dy_dtype, in.compute), {in.x, in.dy});
     a.first = a.g.first_of(cells.begin);
@@ -499,7 +498,7 @@ class CudaBackend final : public Backend {
     return a;
   }
 
-  void input_grad(const Plan& p, const cuda::BackwardInputs& in, const uint8_t* mask, const SumPair* terms, void* dx,
+  void input_grad(const KernelPlan& p, const cuda::BackwardInputs& in, const uint8_t* mask, const SumPair* terms, void* dx,
                   CellRange cells) {
     cuda::GradArgs a;
     a.g = geometry(p, cells, cuda::backward_has_typed(in.x_dtype, in.dy_dtype, in.compute), {in.x, in.dy, dx, mask});

@@ -5,7 +5,7 @@
 // the CPU (every element covered exactly once, every partial read exactly
 // once), so the index arithmetic is tested where no GPU is.
 //
-// Two forms, those of Plan (include/distgn/config.hpp):
+// Two forms, those of KernelPlan (src/core/kernel_plan.hpp):
 //
 //  channel_rows    [slabs][rows][width], width = P * S, column j of slab o is
 //                  cell o * P + j / S and channel j % C. A block covers a tile

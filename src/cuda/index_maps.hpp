@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cuda/geometry.hpp"
+#include "core/kernel_plan.hpp"
 #include "distgn/config.hpp"
 #include "distgn/error.hpp"
 
@@ -15,14 +16,14 @@ namespace distgn {
 namespace cuda {
 
 // The split shape's axes in walking order: plan.permutation, or all of them.
-inline std::vector<int> walking_axes(const Plan& plan) {
+inline std::vector<int> walking_axes(const KernelPlan& plan) {
   if (plan.permuted) return plan.permutation;
   std::vector<int> axes(plan.split_shape.size());
   for (size_t d = 0; d < axes.size(); ++d) axes[d] = int(d);
   return axes;
 }
 
-inline StridedIndex map_over_split(const Plan& plan, const std::vector<int64_t>& split_strides) {
+inline StridedIndex map_over_split(const KernelPlan& plan, const std::vector<int64_t>& split_strides) {
   const std::vector<int> axes = walking_axes(plan);
   if (axes.size() > size_t(kMaxRank))
     throw Error("the CUDA backend supports inputs of rank up to " + std::to_string(kMaxRank - 1) +
@@ -37,7 +38,7 @@ inline StridedIndex map_over_split(const Plan& plan, const std::vector<int64_t>&
 }
 
 // Walking index -> element offset in x (row-major over plan.shape).
-inline StridedIndex walking_source_map(const Plan& plan) {
+inline StridedIndex walking_source_map(const KernelPlan& plan) {
   std::vector<int64_t> strides(plan.split_shape.size());
   int64_t s = 1;
   for (size_t d = strides.size(); d-- > 0;) {
@@ -49,7 +50,7 @@ inline StridedIndex walking_source_map(const Plan& plan) {
 
 // Walking index -> byte offset in a mask of `mask_shape` (numpy broadcasting
 // to plan.shape, already validated by the layer).
-inline StridedIndex walking_mask_map(const Plan& plan, const Shape& mask_shape) {
+inline StridedIndex walking_mask_map(const KernelPlan& plan, const Shape& mask_shape) {
   const size_t rank = plan.shape.size(), lead = rank - mask_shape.size();
   std::vector<int64_t> x_strides(rank, 0);
   int64_t s = 1;

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <type_traits>
 
-#include "core/array_split.hpp"
+#include "distgn/array_split.hpp"
 #include "train/rng.hpp"
 
 namespace distgn::train {

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "core/half.hpp"
+#include "core/kernel_plan.hpp"
 #include "distgn/communicator.hpp"
 #include "distgn/config.hpp"
 #include "distgn/error.hpp"
@@ -216,9 +217,9 @@ TEST_CASE("group norm: forward with custom reduction axes, including permuted on
   for (const Case& c : cases)
     for (bool fast : {true, false})
       for (DType dtype : {DType::f32, DType::f64}) {
-        const distgn::Plan p = check_forward_case(make_config(c.groups, c.axes, fast), c.shape,
-                                                  c.layout, dtype, uint64_t(c.groups * 3 + fast));
-        CHECK(p.permuted == c.permuted);
+        const GroupNormConfig config = make_config(c.groups, c.axes, fast);
+        check_forward_case(config, c.shape, c.layout, dtype, uint64_t(c.groups * 3 + fast));
+        CHECK(distgn::resolve_kernel_plan(config, c.shape, c.layout, dtype).permuted == c.permuted);
       }
 }
 
@@ -596,16 +597,16 @@ void check_thread_independence(GroupNormConfig config, const Shape& shape, Layou
 TEST_CASE("group norm: results do not depend on the OpenMP thread count", "[group_norm][threads]") {
   SECTION("NHWC (5, 64, 64, 64): several blocks and chunks") {
     const GroupNormConfig config = make_config(32);
-    const distgn::Plan p = distgn::resolve(config, {5, 64, 64, 64}, kLast, DType::f32);
-    REQUIRE(p.form == distgn::Plan::Form::channel_rows);
+    const distgn::KernelPlan p = distgn::resolve_kernel_plan(config, {5, 64, 64, 64}, kLast, DType::f32);
+    REQUIRE(p.form == distgn::KernelPlan::Form::channel_rows);
     REQUIRE(distgn::element_count(p.shape) > (int64_t(1) << 20));
     REQUIRE(p.rows * p.row_width >= 4 * 65536);  // one slab spans several chunks
     check_thread_independence(config, {5, 64, 64, 64}, kLast, false, true);
   }
   SECTION("NCHW (1, 4, 300, 300): cells of several chunks") {
     const GroupNormConfig config = make_config(2, {}, false);
-    const distgn::Plan p = distgn::resolve(config, {1, 4, 300, 300}, kFirst, DType::f32);
-    REQUIRE(p.form == distgn::Plan::Form::contiguous_cells);
+    const distgn::KernelPlan p = distgn::resolve_kernel_plan(config, {1, 4, 300, 300}, kFirst, DType::f32);
+    REQUIRE(p.form == distgn::KernelPlan::Form::contiguous_cells);
     REQUIRE(p.cell_elements > 2 * 65536);
     check_thread_independence(config, {1, 4, 300, 300}, kFirst, false, true);
   }
@@ -617,7 +618,7 @@ TEST_CASE("group norm: results do not depend on the OpenMP thread count", "[grou
   }
   SECTION("permuted (2, 40, 4, 40, 32) reducing (0, 1, 3, 4)") {
     const GroupNormConfig config = make_config(8, std::vector<int64_t>{0, 1, 3, 4});
-    REQUIRE(distgn::resolve(config, {2, 40, 4, 40, 32}, kLast, DType::f32).permuted);
+    REQUIRE(distgn::resolve_kernel_plan(config, {2, 40, 4, 40, 32}, kLast, DType::f32).permuted);
     check_thread_independence(config, {2, 40, 4, 40, 32}, kLast, true, true);
   }
 }

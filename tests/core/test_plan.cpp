@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "core/kernel_plan.hpp"
 #include "distgn/config.hpp"
 #include "distgn/error.hpp"
 
@@ -14,7 +15,9 @@ using distgn::DType;
 using distgn::Error;
 using distgn::GroupNormConfig;
 using distgn::Layout;
+using distgn::KernelPlan;
 using distgn::Plan;
+using distgn::resolve_kernel_plan;
 using distgn::Shape;
 using distgn::resolve;
 
@@ -314,7 +317,7 @@ TEST_CASE("plan: resolve fills the dtypes of semantics 5", "[plan][dtype]") {
 // ---- semantics §3: cells ----------------------------------------------------------
 
 TEST_CASE("plan: default reduction axes give N*G cells (channels last)", "[plan][cells]") {
-  const Plan p = resolve(with_groups(8), {3, 5, 7, 32}, Layout::channels_last, DType::f32);
+  const KernelPlan p = resolve_kernel_plan(with_groups(8), {3, 5, 7, 32}, Layout::channels_last, DType::f32);
   CHECK(p.feature_axis == 3);
   CHECK(p.channels == 32);
   CHECK(p.num_groups == 8);
@@ -325,8 +328,8 @@ TEST_CASE("plan: default reduction axes give N*G cells (channels last)", "[plan]
 }
 
 TEST_CASE("plan: group_size resolves the number of groups", "[plan][cells]") {
-  const Plan p =
-      resolve(with_groups(std::nullopt, 8), {3, 5, 32}, Layout::channels_last, DType::f32);
+  const KernelPlan p =
+      resolve_kernel_plan(with_groups(std::nullopt, 8), {3, 5, 32}, Layout::channels_last, DType::f32);
   CHECK(p.num_groups == 4);
   CHECK(p.group_size == 8);
   CHECK(p.num_cells == 3 * 4);
@@ -334,7 +337,7 @@ TEST_CASE("plan: group_size resolves the number of groups", "[plan][cells]") {
 }
 
 TEST_CASE("plan: default reduction axes give N*G cells (channels first)", "[plan][cells]") {
-  const Plan p = resolve(with_groups(8), {3, 32, 5, 7}, Layout::channels_first, DType::f32);
+  const KernelPlan p = resolve_kernel_plan(with_groups(8), {3, 32, 5, 7}, Layout::channels_first, DType::f32);
   CHECK(p.feature_axis == 1);
   CHECK(p.channels == 32);
   CHECK(p.group_size == 4);
@@ -347,32 +350,32 @@ TEST_CASE("plan: default reduction axes give N*G cells (channels first)", "[plan
 TEST_CASE("plan: custom reduction axes set the cells", "[plan][cells]") {
   SECTION("keep a spatial axis") {
     // (N, H, W, C) reducing H and C: cells are (n, w, g).
-    const Plan p = resolve(with_axes({1, 3}), {2, 5, 6, 16}, Layout::channels_last, DType::f32);
+    const KernelPlan p = resolve_kernel_plan(with_axes({1, 3}), {2, 5, 6, 16}, Layout::channels_last, DType::f32);
     CHECK(p.num_cells == 2 * 6 * 4);
     CHECK(p.cell_elements == 5 * 4);
   }
   SECTION("reduce the batch too") {
-    const Plan p =
-        resolve(with_axes({0, 1, 2, 3}), {2, 5, 6, 16}, Layout::channels_last, DType::f32);
+    const KernelPlan p =
+        resolve_kernel_plan(with_axes({0, 1, 2, 3}), {2, 5, 6, 16}, Layout::channels_last, DType::f32);
     CHECK(p.num_cells == 4);
     CHECK(p.cell_elements == 2 * 5 * 6 * 4);
   }
   SECTION("only the feature axis") {
-    const Plan p = resolve(with_axes({-1}), {2, 5, 6, 16}, Layout::channels_last, DType::f32);
+    const KernelPlan p = resolve_kernel_plan(with_axes({-1}), {2, 5, 6, 16}, Layout::channels_last, DType::f32);
     CHECK(p.num_cells == 2 * 5 * 6 * 4);
     CHECK(p.cell_elements == 4);
   }
   SECTION("channels first, keep the batch and one spatial axis") {
-    const Plan p =
-        resolve(with_axes({1, 3}), {2, 16, 5, 6}, Layout::channels_first, DType::f32);
+    const KernelPlan p =
+        resolve_kernel_plan(with_axes({1, 3}), {2, 16, 5, 6}, Layout::channels_first, DType::f32);
     CHECK(p.num_cells == 2 * 5 * 4);
     CHECK(p.cell_elements == 4 * 6);
   }
   SECTION("rank 2 and rank 1") {
-    const Plan p2 = resolve(with_groups(4), {3, 16}, Layout::channels_last, DType::f32);
+    const KernelPlan p2 = resolve_kernel_plan(with_groups(4), {3, 16}, Layout::channels_last, DType::f32);
     CHECK(p2.num_cells == 3 * 4);
     CHECK(p2.cell_elements == 4);
-    const Plan p1 = resolve(with_groups(4), {16}, Layout::channels_last, DType::f32);
+    const KernelPlan p1 = resolve_kernel_plan(with_groups(4), {16}, Layout::channels_last, DType::f32);
     CHECK(p1.num_cells == 4);
     CHECK(p1.cell_elements == 4);
   }
@@ -380,8 +383,8 @@ TEST_CASE("plan: custom reduction axes set the cells", "[plan][cells]") {
 
 TEST_CASE("plan: the walking form follows the layout and the reduction axes", "[plan][cells]") {
   SECTION("NHWC default: channel rows") {
-    const Plan p = resolve(with_groups(8), {3, 5, 7, 32}, Layout::channels_last, DType::f32);
-    CHECK(p.form == Plan::Form::channel_rows);
+    const KernelPlan p = resolve_kernel_plan(with_groups(8), {3, 5, 7, 32}, Layout::channels_last, DType::f32);
+    CHECK(p.form == KernelPlan::Form::channel_rows);
     CHECK_FALSE(p.permuted);
     CHECK(p.outer == 3);
     CHECK(p.rows == 5 * 7);
@@ -389,16 +392,16 @@ TEST_CASE("plan: the walking form follows the layout and the reduction axes", "[
     CHECK(p.row_width == 32);
   }
   SECTION("NCHW default: contiguous cells") {
-    const Plan p = resolve(with_groups(8), {3, 32, 5, 7}, Layout::channels_first, DType::f32);
-    CHECK(p.form == Plan::Form::contiguous_cells);
+    const KernelPlan p = resolve_kernel_plan(with_groups(8), {3, 32, 5, 7}, Layout::channels_first, DType::f32);
+    CHECK(p.form == KernelPlan::Form::contiguous_cells);
     CHECK_FALSE(p.permuted);
     CHECK(p.inner == 5 * 7);
   }
   SECTION("(2,5,4,4,32) reducing (0,1,3,4): permuted") {
-    const Plan p =
-        resolve(with_axes({0, 1, 3, 4}, 8), {2, 5, 4, 4, 32}, Layout::channels_last, DType::f32);
+    const KernelPlan p =
+        resolve_kernel_plan(with_axes({0, 1, 3, 4}, 8), {2, 5, 4, 4, 32}, Layout::channels_last, DType::f32);
     CHECK(p.permuted);
-    CHECK(p.form == Plan::Form::contiguous_cells);
+    CHECK(p.form == KernelPlan::Form::contiguous_cells);
     CHECK(p.num_cells == 4 * 8);
     CHECK(p.cell_elements == 2 * 5 * 4 * 4);
     // Gathered as [kept axes..., G][S][other reduced axes...].
@@ -406,21 +409,21 @@ TEST_CASE("plan: the walking form follows the layout and the reduction axes", "[
     CHECK(p.inner == p.cell_elements / p.group_size);
   }
   SECTION("NHWC reducing everything: one row slab") {
-    const Plan p =
-        resolve(with_axes({0, 1, 2, 3}), {2, 5, 6, 16}, Layout::channels_last, DType::f32);
-    CHECK(p.form == Plan::Form::channel_rows);
+    const KernelPlan p =
+        resolve_kernel_plan(with_axes({0, 1, 2, 3}), {2, 5, 6, 16}, Layout::channels_last, DType::f32);
+    CHECK(p.form == KernelPlan::Form::channel_rows);
     CHECK_FALSE(p.permuted);
     CHECK(p.outer == 1);
     CHECK(p.rows == 2 * 5 * 6);
     CHECK(p.cells_per_row == 4);
   }
   SECTION("rank 2 channels last: contiguous cells") {
-    const Plan p = resolve(with_groups(4), {3, 16}, Layout::channels_last, DType::f32);
-    CHECK(p.form == Plan::Form::contiguous_cells);
+    const KernelPlan p = resolve_kernel_plan(with_groups(4), {3, 16}, Layout::channels_last, DType::f32);
+    CHECK(p.form == KernelPlan::Form::contiguous_cells);
     CHECK_FALSE(p.permuted);
   }
   SECTION("NCHW reducing only C: permuted") {
-    const Plan p = resolve(with_axes({1}), {2, 16, 5, 6}, Layout::channels_first, DType::f32);
+    const KernelPlan p = resolve_kernel_plan(with_axes({1}), {2, 16, 5, 6}, Layout::channels_first, DType::f32);
     CHECK(p.permuted);
     CHECK(p.num_cells == 2 * 5 * 6 * 4);
     CHECK(p.cell_elements == 4);

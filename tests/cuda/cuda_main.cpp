@@ -6,7 +6,7 @@
 #include <cstdio>
 #include <cstring>
 
-#include "cuda/device_memory.hpp"
+#include "distgn/device.hpp"
 
 int main(int argc, char** argv) {
   const int devices = distgn::cuda::device_count();

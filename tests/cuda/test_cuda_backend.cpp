@@ -19,7 +19,7 @@
 #include "core/backend.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
-#include "cuda/device_memory.hpp"
+#include "distgn/device.hpp"
 #include "cuda/index_maps.hpp"
 #include "cuda/launch.hpp"
 #include "distgn/error.hpp"
@@ -484,7 +484,7 @@ TEST_CASE("cuda: output bytes of every matrix case, for before/after comparisons
     doubles(m.name, "count", gpu.state.count());
 
     // The steps a group of several ranks runs, on the whole tensor.
-    const Plan plan = resolve(in.config, in.x.shape, in.layout, in.x.dtype);
+    const KernelPlan plan = resolve_kernel_plan(in.config, in.x.shape, in.layout, in.x.dtype);
     const int64_t cells = plan.num_cells, C = plan.channels;
     const MaskView mask{in.mask.data(), in.mask_shape};
     auto backend = make_cuda_backend(stream.get());
@@ -550,7 +550,7 @@ TEST_CASE("cuda: each step of the CUDA backend agrees with the CPU backend's", "
         if (c.name == name) m = &c;
       REQUIRE(m);
       Inputs in = make_inputs(*m, 3);
-      const Plan plan = resolve(in.config, in.x.shape, in.layout, in.x.dtype);
+      const KernelPlan plan = resolve_kernel_plan(in.config, in.x.shape, in.layout, in.x.dtype);
       REQUIRE(!plan.permuted);
       const int64_t cells = plan.num_cells, C = plan.channels;
       const MaskView mask{in.mask.data(), in.mask_shape};  // host memory: both backends take it there

@@ -332,7 +332,7 @@ TEST_CASE("cuda index maps: the gather map is the CPU backend's permute", "[cuda
     GroupNormConfig config;
     config.num_groups = 2;
     config.reduction_axes = c.axes;
-    const Plan plan = resolve(config, c.shape, c.layout, DType::f32);
+    const KernelPlan plan = resolve_kernel_plan(config, c.shape, c.layout, DType::f32);
     INFO(shape_string(c.shape) << " permuted " << plan.permuted);
     const int64_t n = element_count(c.shape);
     std::vector<float> x(static_cast<size_t>(n)), cpu(x.size()), mapped(x.size());
@@ -367,7 +367,7 @@ TEST_CASE("cuda index maps: the mask map broadcasts like numpy in walking order"
     GroupNormConfig config;
     config.num_groups = 3;
     config.reduction_axes = c.axes;
-    const Plan plan = resolve(config, c.shape, c.layout, DType::f32);
+    const KernelPlan plan = resolve_kernel_plan(config, c.shape, c.layout, DType::f32);
     INFO(shape_string(c.shape) << " mask " << shape_string(c.mask));
     const int64_t n = element_count(c.shape), m = element_count(c.mask);
     std::vector<uint8_t> mask(static_cast<size_t>(m));

@@ -8,7 +8,7 @@
 #include <cmath>
 #include <random>
 
-#include "cuda/device_memory.hpp"
+#include "distgn/device.hpp"
 #include "distgn/error.hpp"
 #include "distgn/group_norm.hpp"
 #include "test_arrays.hpp"

@@ -1,5 +1,6 @@
-// How distgn's tools cut an axis over ranks: numpy.array_split's rule, the
-// one the CLI (--shard-axis), the trainer (image rows) and the tests use.
+// distgn/array_split.hpp: how distgn cuts an axis over ranks, numpy.array_split's
+// rule. The CLI (--shard-axis), the trainer (image rows) and the tests cut
+// with it; a program that shards a tensor the same way gets the same parts.
 #pragma once
 
 #include <algorithm>
