@@ -260,6 +260,32 @@ def scenario_disagreeing_ranks_raise_everywhere(rank, log):
     log.append("disagreeing and invalid ranks: every rank raises")
 
 
+def scenario_checks_before_the_layer_raise_everywhere(rank, log):
+    """The checks the binding makes before the C++ layer's (channels, dtype,
+    mask's rank, x's rank) fail on one rank: every rank raises, none waits."""
+    layer = dgn.GroupNorm(4, 8, process_group=dist.group.WORLD)
+    good = torch.randn(2, 8, 3, 3)
+    layer(good)  # agreed once
+    cases = [
+        (1, lambda: layer(torch.randn(2, 6 if rank == 1 else 8, 3, 3)), "Expected 8 channels in the input"),
+        (3, lambda: layer(good.long() if rank == 3 else good), "distgn supports float32, float64"),
+        (0, lambda: layer(good, mask=torch.ones(1, 2, 8, 3, 3, dtype=torch.bool) if rank == 0 else None),
+         "does not broadcast"),
+        (2, lambda: dgn.group_norm(torch.randn(8) if rank == 2 else good, 4, process_group=dist.group.WORLD),
+         "Expected at least 2 dimensions"),
+    ]
+    for bad_rank, call, message in cases:
+        try:
+            call()
+            raise AssertionError(f"no error (rank {bad_rank}'s {message!r})")
+        except ValueError as e:
+            assert message in str(e), str(e)
+            if rank != bad_rank:
+                assert f"rank {bad_rank} of this rank's group rejected its input" in str(e), str(e)
+    assert layer(good).shape == good.shape  # and the layer works again afterwards
+    log.append("wrong channels, dtype, mask rank, x rank on one rank: every rank raises")
+
+
 def scenario_ddp_with_spatial_shards(rank, log):
     """DDP over 2 replicas x 2 spatial shards: ranks {0, 1} and {2, 3} each hold
     one replica's batch split along H, every GroupNorm shares statistics over
@@ -342,7 +368,8 @@ def scenario_subgroups_listed_differently(rank, log):
 
 SCENARIOS = [scenario_sharded_equals_single, scenario_half_dtypes, scenario_masked_and_reduced_param_grads,
              scenario_one_collective_per_call, scenario_gradcheck_sharded, scenario_subgroups,
-             scenario_disagreeing_ranks_raise_everywhere, scenario_ddp_with_spatial_shards,
+             scenario_disagreeing_ranks_raise_everywhere, scenario_checks_before_the_layer_raise_everywhere,
+             scenario_ddp_with_spatial_shards,
              scenario_subgroups_of_a_subset_group, scenario_subgroups_listed_differently]
 
 

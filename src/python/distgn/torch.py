@@ -327,35 +327,39 @@ def _param(t):
 
 class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, mask, cfg: _Config):
-        xc, layout, shape, fmt = _layout_of(x.detach())
-        w = weight.detach().contiguous() if weight is not None else None
-        b = bias.detach().contiguous() if bias is not None else None
-        if w is not None and b is not None and w.dtype != b.dtype:
-            b = b.to(w.dtype)
-        pdtype = _dtype_name(w.dtype) if w is not None else (_dtype_name(b.dtype) if b is not None else None)
-        layer = cfg.layer(_dtype_name(xc.dtype), pdtype, w is not None, b is not None)
-        cfg.load_parameters(layer, w, b)
-        mask_owner, mview = _mask_view(mask, xc, layout)
-        xv = _view(xc, layout, shape)
+    def forward(ctx, x, weight, bias, mask, cfg: _Config, num_channels):
         comm = cfg.group()
-        state = _distgn.ForwardState()
-        if comm is None:
+        # With a process group, a rank whose call is invalid (its channels,
+        # dtype, mask or shape) still takes part in the collective, flagging
+        # it, so that every rank of the group raises.
+        error, signature, mine = "", "", None
+        try:
+            _check_channels(x, num_channels)
+            xc, layout, shape, fmt = _layout_of(x.detach())
+            w = weight.detach().contiguous() if weight is not None else None
+            b = bias.detach().contiguous() if bias is not None else None
+            if w is not None and b is not None and w.dtype != b.dtype:
+                b = b.to(w.dtype)
+            pdtype = _dtype_name(w.dtype) if w is not None else (_dtype_name(b.dtype) if b is not None else None)
+            layer = cfg.layer(_dtype_name(xc.dtype), pdtype, w is not None, b is not None)
+            cfg.load_parameters(layer, w, b)
+            mask_owner, mview = _mask_view(mask, xc, layout)
+            xv = _view(xc, layout, shape)
             plan = cfg.plan(layer, shape, layout, _dtype_name(xc.dtype))
-            y = torch.empty(x.shape, dtype=_TORCH_DTYPES[plan.output_dtype], device=x.device, memory_format=fmt)
-            layer.forward(xv, _view(y, layout, shape), mview, state)
-        else:
-            # A rank whose call is invalid still takes part in the collective
-            # (flagging it), so that every rank of the group raises.
-            error, signature, mine = "", "", None
-            try:
-                plan = cfg.plan(layer, shape, layout, _dtype_name(xc.dtype))
+            if comm is not None:
                 signature = _signature(cfg, plan, x)
                 mine = torch.empty(3 * plan.num_cells, dtype=torch.float64)
                 layer.forward_partial_stats(xv, mview, mine.data_ptr(), mine.numel())
-            except ValueError as e:
-                error = str(e)
-            gathered = cfg.exchange().merge(comm, error, signature, mine)
+        except ValueError as e:
+            if comm is None:
+                raise
+            error = str(e)
+        state = _distgn.ForwardState()
+        if comm is None:
+            y = torch.empty(x.shape, dtype=_TORCH_DTYPES[plan.output_dtype], device=x.device, memory_format=fmt)
+            layer.forward(xv, _view(y, layout, shape), mview, state)
+        else:
+            gathered = cfg.exchange().merge(comm, error, signature, mine)  # raises on every rank if one failed
             y = torch.empty(x.shape, dtype=_TORCH_DTYPES[plan.output_dtype], device=x.device, memory_format=fmt)
             layer.forward_finish(xv, _view(y, layout, shape), mview, gathered.data_ptr(), comm.size, state)
         ctx.cfg, ctx.layer, ctx.state = cfg, layer, state
@@ -416,7 +420,7 @@ class _GroupNormFunction(torch.autograd.Function):
             if own is not None:  # the per-channel sums stay this rank's (DDP reduces them)
                 sums[2 * cells:] = own
             layer.backward_finish(xv, dyv, mview, state, sums.data_ptr(), dxv, dwv, dbv)
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 def _check_channels(x, num_channels):
@@ -430,10 +434,9 @@ def group_norm(x, num_groups=32, weight=None, bias=None, eps=1e-5, *, group_size
                force_float32_reductions=True, process_group=None, axis_index_groups=None, mask=None,
                reduce_param_grads=False):
     """Functional form of GroupNorm (torch.nn.functional.group_norm's arguments first)."""
-    _check_channels(x, None)
     cfg = _Config(num_groups, group_size, eps, use_fast_variance, force_float32_reductions, process_group,
                   axis_index_groups, reduce_param_grads)
-    return _GroupNormFunction.apply(x, weight, bias, mask, cfg)
+    return _GroupNormFunction.apply(x, weight, bias, mask, cfg, None)
 
 
 class GroupNorm(nn.Module):
@@ -490,8 +493,7 @@ class GroupNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x, mask=None):
-        _check_channels(x, self.num_channels)
-        return _GroupNormFunction.apply(x, self.weight, self.bias, mask, self._cfg)
+        return _GroupNormFunction.apply(x, self.weight, self.bias, mask, self._cfg, self.num_channels)
 
     def extra_repr(self):
         s = "{num_groups}, {num_channels}, eps={eps}, affine={affine}".format(**self.__dict__)
