@@ -16,7 +16,7 @@
 #      a blocking one (DISTGN_COLLECTIVE_TIMEOUT=0) on the same hosts.
 #
 #   scripts/bench_nodes.sh [OUT_DIR]        (default bench-results/nodes)
-#   RATE=1gbit ITERS=20 REPS=40 QUICK=1 scripts/bench_nodes.sh
+#   RATE=1gbit ITERS=20 REPS=60 ROUNDS=3 QUICK=1 scripts/bench_nodes.sh
 #
 # Every figure says what was emulated and what was shared: all "hosts" share
 # this machine's cores (nproc) and memory bandwidth, and whatever else runs on
@@ -34,9 +34,11 @@ py=/usr/bin/python3
 rate="${RATE:-1gbit}"
 iters="${ITERS:-20}"
 reps="${REPS:-60}"
+rounds="${ROUNDS:-3}"   # every measurement repeated; the plots and the model take the median over rounds
+round=1
 quick="${QUICK:-0}"
-shard="${SHARD:-4,32,64,320}"
-global="${GLOBAL:-4,64,64,320}"
+shard="${SHARD:-2,32,64,320}"
+global="${GLOBAL:-2,64,64,320}"
 cells_list="32,128,512,2048,8192,32768"
 export DGN_PREFIX="${DGN_PREFIX:-dgn}"
 export DGN_CLUSTER_DIR="$out/.cluster"
@@ -67,7 +69,8 @@ trap 'exit 130' INT TERM
 raw="$out/raw.jsonl"
 : >"$raw"
 meta() {  # the context of a record: what is emulated, what is shared
-  . "$DGN_CLUSTER_DIR/env"
+  local DGN_RATE=none DGN_DELAY=none
+  [ ! -f "$DGN_CLUSTER_DIR/env" ] || . "$DGN_CLUSTER_DIR/env"
   printf '"link_rate": "%s", "delay": "%s", "load_avg_1m": %s' "$DGN_RATE" "$DGN_DELAY" "$(cut -d' ' -f1 /proc/loadavg)"
 }
 # tag KIND HOSTS PPN EXTRA-JSON < json lines  -> raw.jsonl
@@ -75,10 +78,26 @@ tag() {
   local kind=$1 hosts=$2 ppn=$3 extra=$4 m line
   m=$(meta)
   while IFS= read -r line; do
-    case "$line" in "{"*) echo "{\"kind\": \"$kind\", \"hosts\": $hosts, \"ranks_per_host\": $ppn, $m, $extra${extra:+, }${line#\{}" >>"$raw";; esac
+    case "$line" in "{"*) echo "{\"kind\": \"$kind\", \"round\": $round, \"hosts\": $hosts, \"ranks_per_host\": $ppn, $m, $extra${extra:+, }${line#\{}" >>"$raw";; esac
   done
 }
 mpi() { timeout 300 "$cluster" mpirun "$@" 2> >(grep -v setpgid >&2); }
+# distgn under mpi, up to 4 attempts: with more ranks than cores, ranks reach
+# the first collective far apart, and a wait past 0.25 s there can crash the
+# layer's MPI communicator (arrival notices sent on its private communicator
+# before MPI_Comm_idup has completed: SIGSEGV in MPI_Isend). Each record says
+# how many attempts it took; a point that never ran is recorded as failed.
+attempts=0
+mpi_distgn() {
+  local rc=0
+  for attempts in 1 2 3 4; do
+    rm -f "$out/run.jsonl"
+    if mpi "$@" >"$out/distgn.out" 2>"$out/distgn.err"; then tail -n 1 "$out/distgn.out"; return 0; fi
+    rc=$?
+    echo "bench_nodes.sh: attempt $attempts failed (status $rc): $(grep -m1 -E 'Signal:|error' "$out/distgn.err" || tail -n 1 "$out/distgn.err")" >&2
+  done
+  return $rc
+}
 
 # 1. the collective against ranks and payload
 # (hosts, ranks per host): 2, 4, 8 ranks over 2, 4, 8 hosts, and one host.
@@ -108,17 +127,21 @@ latency_pass() {
     for n in 1 4 16 64 256 1024; do shapes="$shapes${shapes:+;}$n,$p,2,32"; done
     waits="polled"; [ "$p" -le "$cores" ] && waits="polled blocking"
     for wait in $waits; do
-      mpi --hosts "$h" --ppn "$k" -- -x OMP_NUM_THREADS=1 -x DISTGN_COLLECTIVE_TIMEOUT="$([ "$wait" = polled ] && echo 600 || echo 0)" \
-        "$distgn" bench --shape "$shapes" --shard-axis 1 --threads 1 --iters 10 --warmup 3 --json "$out/run.jsonl" >/dev/null
-      tag layer_latency "$h" "$k" "\"pass\": \"$label\", \"wait\": \"$wait\"" <"$out/run.jsonl"
+      if mpi_distgn --hosts "$h" --ppn "$k" -- -x OMP_NUM_THREADS=1 -x DISTGN_COLLECTIVE_TIMEOUT="$([ "$wait" = polled ] && echo 600 || echo 0)" \
+        "$distgn" bench --shape "$shapes" --shard-axis 1 --threads 1 --iters 10 --warmup 3 --json "$out/run.jsonl" >/dev/null; then
+        tag layer_latency "$h" "$k" "\"pass\": \"$label\", \"wait\": \"$wait\", \"attempts\": $attempts" <"$out/run.jsonl"
+      else
+        echo '{"failed": true}' | tag layer_latency "$h" "$k" "\"pass\": \"$label\", \"wait\": \"$wait\", \"attempts\": $attempts, \"ranks\": $p"
+      fi
     done
   done
 }
 "$cluster" up 8
-latency_pass unlimited
+for round in $(seq "$rounds"); do latency_pass unlimited; done
 
 # 2. weak and strong scaling, one rank per host: the layer's default
 # (polled) wait, and the blocking one where the ranks fit the cores.
+for round in $(seq "$rounds"); do
 for p in 1 2 4 8; do
   IFS=, read -r n h w c <<<"$shard"
   for mode in weak strong; do
@@ -126,19 +149,35 @@ for p in 1 2 4 8; do
     for wait in polled blocking; do
       [ "$wait" = blocking ] && [ "$p" -gt "$cores" ] && continue
       echo "== $mode scaling, $p rank(s) on $p host(s), global shape $shape, $wait wait"
-      mpi --hosts "$p" --ppn 1 -- -x OMP_NUM_THREADS=1 -x DISTGN_COLLECTIVE_TIMEOUT="$([ "$wait" = polled ] && echo 600 || echo 0)" \
-        "$distgn" bench --shape "$shape" --shard-axis 1 --threads 1 --iters "$iters" --warmup 3 --json "$out/run.jsonl" | tail -n 1
-      tag scaling "$p" 1 "\"mode\": \"$mode\", \"wait\": \"$wait\", \"oversubscribed\": $([ "$p" -gt "$cores" ] && echo true || echo false)" <"$out/run.jsonl"
+      extra="\"mode\": \"$mode\", \"wait\": \"$wait\", \"oversubscribed\": $([ "$p" -gt "$cores" ] && echo true || echo false)"
+      if mpi_distgn --hosts "$p" --ppn 1 -- -x OMP_NUM_THREADS=1 -x DISTGN_COLLECTIVE_TIMEOUT="$([ "$wait" = polled ] && echo 600 || echo 0)" \
+        "$distgn" bench --shape "$shape" --shard-axis 1 --threads 1 --iters "$iters" --warmup 3 --json "$out/run.jsonl"; then
+        tag scaling "$p" 1 "$extra, \"attempts\": $attempts" <"$out/run.jsonl"
+      else
+        echo '{"failed": true}' | tag scaling "$p" 1 "$extra, \"attempts\": $attempts, \"ranks\": $p"
+      fi
     done
   done
+done
 done
 "$cluster" down
 
 # 1 again under a rate limit per link
 "$cluster" up 8 --rate "$rate"
-latency_pass rate
+for round in $(seq "$rounds"); do latency_pass rate; done
 "$cluster" down
-rm -f "$out/run.jsonl"
+rm -f "$out/run.jsonl" "$out/distgn.out" "$out/distgn.err"
+
+# The host-side merge after the allgather (P*C Chan merges in rank order),
+# timed on the library's own function for P up to 1024: the model's gamma.
+libdir="$(dirname "$distgn")"
+if [ -f "$libdir/libdistgn.a" ] && mpicxx -O2 -std=c++17 -fopenmp -I src -I include -I "$libdir/include" \
+     -o "$out/merge_bench" tests/cluster/merge_bench.cpp "$libdir/libdistgn.a" 2>"$out/merge_bench.err"; then
+  "$out/merge_bench" --ranks 2,8,64,256,1024 --cells 32,2048 | tag merge 1 1 ""
+else
+  echo "bench_nodes.sh: merge_bench not built (no $libdir/libdistgn.a or a compile error): the model uses its default gamma" >&2
+fi
+rm -f "$out/merge_bench.err"
 
 # One JSON document and the plots.
 $py - "$out" "$raw" "$(nproc)" "$rate" <<'PY'
@@ -148,10 +187,34 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 out, raw, cores, rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-recs = [json.loads(l) for l in open(raw)]
+allrecs = [json.loads(l) for l in open(raw)]
+rounds_recs = [r for r in allrecs if not r.get("failed")]
+failed = [r for r in allrecs if r.get("failed")]
+# One record per point: the median over rounds of each timing, the rounds' range kept.
+TIMES = ["median_us", "p10_us", "p90_us", "min_us", "fwd_ms", "bwd_ms", "comm_us", "collective_latency_us",
+         "copy_gbps", "fwd_gbps", "bwd_gbps", "ns_per_merge", "load_avg_1m"]
+def point(r):
+    return tuple((k, json.dumps(v)) for k, v in sorted(r.items()) if k not in TIMES + ["round", "attempts", "sink",
+                                                                                     "link_rate", "delay"])
+groups = {}
+for r in rounds_recs:
+    groups.setdefault(point(r), []).append(r)
+recs = []
+for rs in groups.values():
+    a = dict(rs[0])
+    a.pop("round", None)
+    a["rounds"] = len(rs)
+    a["attempts"] = sum(r.get("attempts", 1) for r in rs)
+    for k in TIMES:
+        vals = sorted(r[k] for r in rs if isinstance(r.get(k), (int, float)))
+        if vals:
+            a[k] = vals[len(vals) // 2] if len(vals) % 2 else 0.5 * (vals[len(vals) // 2 - 1] + vals[len(vals) // 2])
+            if k in ("median_us", "fwd_ms", "bwd_ms", "comm_us", "collective_latency_us"):
+                a[k + "_rounds"] = vals
+    recs.append(a)
 delay = sorted({r["delay"] for r in recs})
 ompi = subprocess.run(["mpirun", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-loads = [r["load_avg_1m"] for r in recs]
+loads = [r["load_avg_1m"] for r in rounds_recs]
 doc = {
     "what": "distgn across emulated hosts: network namespaces on one machine (scripts/cluster.sh), "
             "Open MPI (ob1) btl tcp between hosts, vader within a host",
@@ -166,6 +229,8 @@ doc = {
               "layer blocking": "DISTGN_COLLECTIVE_TIMEOUT=0: MPI_Waitall"},
     "machine": {"cores": cores, "kernel": platform.release(), "mpi": ompi},
     "records": recs,
+    "rounds": rounds_recs,
+    "failed": failed,
 }
 json.dump(doc, open(os.path.join(out, "nodes.json"), "w"), indent=1)
 netem = "no added delay (kernel has no netem)" if "unsupported" in delay or delay == ["none"] else "netem delay " + ", ".join(delay)
@@ -282,5 +347,11 @@ for r in sorted(sel(kind="layer_latency"), key=lambda r: (r["pass"], r["wait"], 
     if r["shape"][0] in (1, 64, 1024):
         print("  %-9s %-8s %d ranks on %d hosts x %d, %5d cells: %10.1f us" % (r["pass"], r["wait"], r["ranks"], r["hosts"],
               r["ranks_per_host"], 32 * r["shape"][0], r["collective_latency_us"]))
+retried = [r for r in rounds_recs if r.get("attempts", 1) > 1]
+print("\n%d distgn run(s) needed more than one attempt, %d never ran (SIGSEGV in the communicator's first collective, "
+      "see the comment on mpi_distgn):" % (len(retried), len(failed)))
+for r in retried + failed:
+    print("  %s %s ranks %s: %d attempt(s)%s" % (r["kind"], r.get("mode", r.get("pass")), r["ranks"], r["attempts"],
+                                             ", failed" if r.get("failed") else ""))
 print("\nwrote", os.path.join(out, "nodes.json"), "and nodes_latency_ranks.png, nodes_latency_payload.png, nodes_scaling.png")
 PY
