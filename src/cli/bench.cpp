@@ -18,6 +18,7 @@
 #include <sstream>
 
 #include "cli/cli.hpp"
+#include "distgn/cpu_tuning.hpp"
 #include "distgn/error.hpp"
 #include "distgn/group_norm.hpp"
 #include "distgn/tensor.hpp"
@@ -129,6 +130,7 @@ struct BenchRun {
   Sharding sharding;
   GroupNormConfig config;
   bool on_gpu = false;
+  CpuTuning cpu;  // where the figures are measured, and what the CPU backend chose there
 #if DISTGN_WITH_CUDA
   std::unique_ptr<cuda::StreamHandle> stream;
   std::unique_ptr<cuda::EventTimer> timer;
@@ -149,6 +151,7 @@ BenchRun set_up(const BenchOptions& o, const std::shared_ptr<Communicator>& comm
 #endif
   if (o.iters < 1 || o.warmup < 0) throw Error("--iters must be >= 1 and --warmup >= 0");
   if (o.threads > 0) omp_set_num_threads(o.threads);
+  run.cpu = cpu_tuning();
   run.shapes = parse_shapes(o.shapes);
   run.dtype = parse_dtype(o.dtype);
   run.layout = parse_layout(o.layout);
@@ -355,6 +358,7 @@ void print_header(const BenchRun& run) {
   std::printf("distgn bench: %d rank(s), %d thread(s) per rank, %s %s, G=%lld, median of %d\n", run.comm->size(),
               omp_get_max_threads(), dtype_name(run.dtype).c_str(), layout_name(run.layout).c_str(),
               (long long)o.num_groups, o.iters);
+  std::printf("cpu: %s\n", describe(run.cpu).c_str());
 #if DISTGN_WITH_CUDA
   if (run.on_gpu)
     std::printf("backend cuda: %s; times from CUDA events on the layer's stream, copy = device-to-device "
@@ -392,6 +396,15 @@ nlohmann::json json_line(const BenchRun& run, const CaseResult& r) {
           {"num_groups", o.num_groups},
           {"shard_axis", o.shard_axis ? nlohmann::json(*o.shard_axis) : nlohmann::json()},
           {"copy_gbps", r.copy_gbps},
+          {"cpu",
+           {{"model", run.cpu.cpu_model},
+            {"l1d_bytes", run.cpu.l1d_bytes},
+            {"l2_bytes", run.cpu.l2_bytes},
+            {"l3_bytes", run.cpu.l3_bytes},
+            {"cache_resident_bytes", run.cpu.cache_resident_bytes},
+            {"streamed_output_bytes", run.cpu.streamed_output_bytes},
+            {"fused_block_bytes", run.cpu.fused_block_bytes},
+            {"tuning", run.cpu.source}}},
           {"fwd_ms", r.fwd_s * 1e3},
           {"bwd_ms", r.bwd_s * 1e3},
           {"fwd_gbps", r.fwd_gbps},

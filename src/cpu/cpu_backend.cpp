@@ -17,13 +17,10 @@
 #include "cpu/cpu_backend.hpp"
 #include "cpu/half_rows.hpp"
 #include "cpu/stream_rows.hpp"
+#include "cpu/tuning.hpp"
 
 namespace distgn {
 namespace {
-
-// With a group of one rank, cells are processed in blocks of about this many
-// elements so that a block is still in cache when it is normalised.
-constexpr int64_t kFusedBlockElements = int64_t(1) << 20;
 
 // Per-cell statistics and per-channel parameters the elementwise kernels
 // apply, host arrays.
@@ -114,21 +111,17 @@ const staged_t<T>* staged_input(const T* src, [[maybe_unused]] int64_t n, [[mayb
   }
 }
 
-// The channel_rows forward writes outputs of a call larger than this with
-// streaming stores (cpu/stream_rows.hpp): they leave the cache before anyone
-// reads them, and the stores' reads for ownership made NHWC 8x64x64x320
-// (42 MB) forward 15% slower on the 2-core machine. Smaller outputs stay in
-// cache for their consumer (streaming made a 2.6 MB forward 1.7x slower).
-// Measured and not streamed: the contiguous forward (NCHW 8x320x64x64 8%
-// slower streamed) and dx in both forms (up to 1.8x slower).
-constexpr int64_t kStreamedOutputBytes = int64_t(16) << 20;
-
+// The channel_rows forward writes outputs larger than the threshold
+// (cpu/tuning.cpp) with streaming stores (cpu/stream_rows.hpp). Measured and
+// not streamed: the contiguous forward (NCHW 8x320x64x64 8% slower streamed)
+// and dx in both forms (up to 1.8x slower).
+//
 // Whether the kernels stream their output of type Y for this plan: float32
 // only (the other types are written in their own type from registers).
 template <class Y>
 bool streams_output(const KernelPlan& p) {
   return std::is_same_v<Y, float> && stream_rows_in_hardware() &&
-         p.num_cells * p.cell_elements * int64_t(sizeof(float)) > kStreamedOutputBytes;
+         p.num_cells * p.cell_elements * int64_t(sizeof(float)) > cpu::thresholds().streamed_output_bytes;
 }
 
 // Where the kernels write n elements bound for dst: dst itself, or
@@ -295,18 +288,17 @@ inline void for_run_blocks(int64_t n, F&& f) {
 constexpr int64_t kNarrowRow = 128;
 constexpr int64_t kPrefetchBlocks = 4;
 
-// A call whose input is at most this large is read from cache (the bench
-// runs copy, forward and backward in turn on the same buffers). There all
-// four channel_rows kernels work in register blocks of kRowBlock rows at
-// every width, coefficients loaded once per block: NHWC 2x16x16x1280
-// (2.6 MB) statistics 0.060 -> 0.043 ms, normalisation 0.058 -> 0.049 ms,
-// backward 0.178 -> 0.144 ms. From DRAM the same blocks measured slower
-// (8x64x64x320 statistics 1.55 -> 2.0 ms, 16x56x56x64 normalisation 0.53
-// -> 0.73 ms, its backward 1.25 -> 1.8 ms), so larger calls go row by row
-// (the statistics of narrow rows excepted).
-constexpr int64_t kCacheResidentBytes = int64_t(4) << 20;
+// A call whose input is at most cache_resident bytes (cpu/tuning.cpp) is
+// read from cache. There all four channel_rows kernels work in register
+// blocks of kRowBlock rows at every width, coefficients loaded once per
+// block: NHWC 2x16x16x1280 (2.6 MB) statistics 0.060 -> 0.043 ms,
+// normalisation 0.058 -> 0.049 ms, backward 0.178 -> 0.144 ms on the AMD
+// machine. From DRAM the same blocks measured slower (8x64x64x320
+// statistics 1.55 -> 2.0 ms, 16x56x56x64 normalisation 0.53 -> 0.73 ms, its
+// backward 1.25 -> 1.8 ms), so larger calls go row by row (the statistics
+// of narrow rows excepted).
 bool cache_resident(const KernelPlan& p) {
-  return p.num_cells * p.cell_elements * int64_t(dtype_size(p.input_dtype)) <= kCacheResidentBytes;
+  return p.num_cells * p.cell_elements * int64_t(dtype_size(p.input_dtype)) <= cpu::thresholds().cache_resident_bytes;
 }
 
 // sum[j] += sum over rows of (x - shift[j]), sum_sq[j] += the squares, for
@@ -486,9 +478,9 @@ class CpuBackend final : public Backend {
     bias_ = bias;
   }
 
-  // Blocks of about kFusedBlockElements elements (whole cells, whole rows of
-  // cells for channel_rows), so that a block is still in cache when the
-  // second pass reads it.
+  // Blocks of about fused_block_elements elements (cpu/tuning.cpp; whole
+  // cells, whole rows of cells for channel_rows), so that a block is still
+  // in cache when the second pass reads it.
   std::vector<CellRange> blocks(const KernelPlan& p, int, bool one_rank) const override {
     std::vector<CellRange> out;
     if (p.num_cells == 0) return out;
@@ -496,7 +488,7 @@ class CpuBackend final : public Backend {
     const int64_t unit = p.form == KernelPlan::Form::channel_rows ? p.cells_per_row : 1;
     const int64_t unit_elements = std::max<int64_t>(1, unit * p.cell_elements);
     const int64_t per_block =
-        equal_parts(p.num_cells / unit, std::max<int64_t>(1, kFusedBlockElements / unit_elements)).size * unit;
+        equal_parts(p.num_cells / unit, std::max<int64_t>(1, cpu::thresholds().fused_block_elements / unit_elements)).size * unit;
     for (int64_t begin = 0; begin < p.num_cells; begin += per_block)
       out.push_back({begin, std::min(p.num_cells, begin + per_block)});
     return out;

@@ -1025,6 +1025,36 @@ TEST_CASE("cli apply: one rank holds only the inputs and outputs in memory", "[c
   }
 }
 
+// The CPU backend's streaming-store and block sizes (distgn/cpu_tuning.hpp)
+// change how y and dx are written and in which blocks of cells the flow
+// runs, never a value: every setting gives the same bits.
+TEST_CASE("cli apply: DISTGN_CPU_TUNING's streaming and block sizes change no bit of y, dx, dscale, dbias",
+          "[cli]") {
+  TempDir dir;
+  for (const char* layout : {"nhwc", "nchw"}) {
+    const Shape shape = std::string(layout) == "nhwc" ? Shape{3, 40, 40, 64} : Shape{3, 64, 40, 40};
+    write_floats(dir / "x.npy", shape, 5);
+    write_floats(dir / "dy.npy", shape, 6);
+    auto outputs_with = [&](const std::string& tuning) {
+      const std::string options = std::string(" --layout ") + layout +
+                                  " --num-groups 16 --x x.npy --dy dy.npy --y y.npy --dx dx.npy"
+                                  " --dscale dscale.npy --dbias dbias.npy";
+      const Result r = run("env DISTGN_CPU_TUNING=" + tuning + " " + apply_command(options), dir);
+      INFO(layout << " " << tuning << ": " << r.err);
+      REQUIRE(r.status == 0);
+      std::string all;
+      for (const char* name : {"y.npy", "dx.npy", "dscale.npy", "dbias.npy"}) all += slurp(dir / name);
+      return all;
+    };
+    const std::string derived = outputs_with("");
+    for (const char* tuning : {"streamed_output=0", "fused_block=64K", "fused_block=1G,streamed_output=1G",
+                               "streamed_output=0,fused_block=1K"}) {
+      INFO(layout << " with DISTGN_CPU_TUNING=" << tuning);
+      CHECK(outputs_with(tuning) == derived);
+    }
+  }
+}
+
 // Issue 13: only rank 0, which writes the outputs, assembles them (a rooted
 // gather); every rank used to receive the whole y and dx.
 TEST_CASE("cli apply: under mpiexec the other ranks do not hold the whole outputs", "[cli][mpi]") {
@@ -1123,7 +1153,7 @@ TEST_CASE("cli bench: the table and the --json lines", "[cli][bench]") {
   const std::string bench = quote(cli_path()) + " bench --iters 2 --warmup 1 --num-groups 8";
   const std::vector<std::string> keys = {
       "backend", "bwd_gbps", "bwd_ms", "collective_latency_us", "collectives_bwd", "collectives_fwd", "comm_us",
-      "copy_gbps", "dtype", "fwd_gbps", "fwd_ms", "layout", "max_abs_err", "num_groups", "param_dtype", "ranks",
+      "copy_gbps", "cpu", "dtype", "fwd_gbps", "fwd_ms", "layout", "max_abs_err", "num_groups", "param_dtype", "ranks",
       "shape", "shard_axis", "threads"};
   auto json_lines = [&] {
     std::vector<json> lines;
@@ -1173,6 +1203,34 @@ TEST_CASE("cli bench: the table and the --json lines", "[cli][bench]") {
       CHECK(j[timing].get<double>() > 0);
     }
     CHECK(j["max_abs_err"].get<double>() < 1e-5);
+    // Where it was measured, and the CPU tuning derived there.
+    CHECK(r.out.find("\ncpu: ") != std::string::npos);
+    const json& cpu = j["cpu"];
+    CHECK(!cpu["model"].get<std::string>().empty());
+    CHECK(cpu["l2_bytes"].get<int64_t>() >= 0);
+    const int64_t l2s = j["threads"].get<int64_t>() * (cpu["l2_bytes"].get<int64_t>() > 0 ? cpu["l2_bytes"].get<int64_t>() : 1 << 20);
+    CHECK(cpu["cache_resident_bytes"] == 2 * l2s);
+    CHECK(cpu["streamed_output_bytes"] == 8 * l2s);
+    CHECK(cpu["fused_block_bytes"] == 2 * l2s);
+    CHECK(cpu["tuning"].get<std::string>().rfind("derived from ", 0) == 0);
+  }
+  SECTION("DISTGN_CPU_TUNING sets the thresholds; a malformed one exits 2 saying the keys") {
+    const Result r = run("env DISTGN_CPU_TUNING=cache_resident=1M,fused_block=512K " + bench +
+                             " --shape 2,8,8,64 --json out.json", dir);
+    INFO("stdout: " << r.out << "\nstderr: " << r.err);
+    REQUIRE(r.status == 0);
+    const json cpu = json_lines().at(0)["cpu"];
+    CHECK(cpu["cache_resident_bytes"] == 1 << 20);
+    CHECK(cpu["fused_block_bytes"] == 512 << 10);
+    CHECK(cpu["streamed_output_bytes"].get<int64_t>() > 0);  // not given: derived
+    CHECK(cpu["tuning"] == "DISTGN_CPU_TUNING=cache_resident=1M,fused_block=512K");
+    for (const char* bad : {"cache=1M", "cache_resident=lots", "fused_block=0"}) {
+      const Result b = run(std::string("env DISTGN_CPU_TUNING=") + bad + " " + bench + " --shape 2,8,8,64", dir);
+      INFO(bad << ": " << b.err);
+      CHECK(b.status == 2);
+      CHECK(b.err.find("DISTGN_CPU_TUNING: ") != std::string::npos);
+      CHECK(b.err.find(bad) != std::string::npos);
+    }
   }
   SECTION("several shapes, unchecked, sharded, channels first") {
     const Result r =

@@ -1,6 +1,7 @@
 // The CPU backend picks its channels-last kernels by the size of a call:
-// register blocks of rows when the input is cache-resident (at most 4 MiB),
-// row by row above that (cpu_backend.cpp, kCacheResidentBytes). A batch too
+// register blocks of rows when the input is cache-resident (at most
+// cache_resident_bytes, derived from the machine's L2: cpu/tuning.cpp), row
+// by row above that. A batch too
 // large to be resident must give what its samples give one at a time, each
 // small enough to be resident, up to the rounding of differently grouped
 // sums: forward, dx and the parameter gradients.
@@ -10,6 +11,7 @@
 #include <random>
 #include <vector>
 
+#include "distgn/cpu_tuning.hpp"
 #include "distgn/group_norm.hpp"
 #include "test_arrays.hpp"
 
@@ -24,11 +26,16 @@ using distgn_test::max_difference;
 
 TEST_CASE("cpu backend: a batch too large for the cache kernels equals its samples run alone",
           "[cpu][backend]") {
-  // Samples of 2.9 MB (resident); the batch of 3 is 8.8 MB (row by row, not streamed).
+  // Samples of 2.9 MB (resident); a batch of them just over the resident size.
+  const distgn::CpuTuning tuning = distgn::cpu_tuning();
+  INFO(distgn::describe(tuning));
   const int64_t H = 48, W = 48, C = 320, per_sample = H * W * C;
+  const int64_t sample_bytes = per_sample * int64_t(sizeof(float));
+  REQUIRE(sample_bytes <= tuning.cache_resident_bytes);
+  const int64_t N = tuning.cache_resident_bytes / sample_bytes + 1;
   for (int64_t width_groups : {32, 8}) {  // S = 10 and S = 40 channels per group
-    const Shape batch = {3, H, W, C}, one = {1, H, W, C};
-    const size_t total = static_cast<size_t>(3 * per_sample), sample = static_cast<size_t>(per_sample),
+    const Shape batch = {N, H, W, C}, one = {1, H, W, C};
+    const size_t total = static_cast<size_t>(N * per_sample), sample = static_cast<size_t>(per_sample),
                  channels = static_cast<size_t>(C);
     std::vector<float> x(total), dy(total), y(total), dx(total), y_one(sample), dx_one(sample);
     std::mt19937 rng{static_cast<uint32_t>(width_groups)};
@@ -54,7 +61,7 @@ TEST_CASE("cpu backend: a batch too large for the cache kernels equals its sampl
     layer.backward(view(x.data(), batch), view(dy.data(), batch), nullptr, state, view(dx.data(), batch),
                    &ds, &db);
 
-    for (int64_t n = 0; n < 3; ++n) {
+    for (int64_t n = 0; n < N; ++n) {
       float* xs = x.data() + n * per_sample;
       float* dys = dy.data() + n * per_sample;
       ForwardState one_state;

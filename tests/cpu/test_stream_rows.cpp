@@ -1,7 +1,8 @@
 // Streaming stores (cpu/stream_rows.hpp): the row copy itself at every
 // alignment, and a channels-last forward large enough to be streamed (over
-// 16 MiB of float32 output) against the same samples run one at a time,
-// which stay under that size: the stores differ, the values must not.
+// the machine's streamed_output size of float32 output) against the same
+// samples run one at a time, which stay under that size: the stores differ,
+// the values must not.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "cpu/stream_rows.hpp"
+#include "distgn/cpu_tuning.hpp"
 #include "distgn/group_norm.hpp"
 #include "reference.hpp"
 
@@ -40,12 +42,18 @@ TEST_CASE("stream rows: stream_row copies exactly at every alignment and length"
 
 TEST_CASE("stream rows: a streamed forward equals the same samples run one at a time",
           "[cpu][stream]") {
-  // 4 samples of 1.3M elements: 21 MB of output, over the streaming size;
-  // one sample alone (5.2 MB) is written with plain stores. Both are too
-  // large to count as cache-resident, so they sum the same way.
-  const int64_t H = 64, W = 64, C = 320, per_sample = H * W * C;
-  const Shape shape = {4, H, W, C}, one = {1, H, W, C};
-  std::vector<float> x(static_cast<size_t>(4 * per_sample)), y(x.size()), y_sample(static_cast<size_t>(per_sample));
+  // Sized by this machine's tuning (distgn/cpu_tuning.hpp): a sample just
+  // over the cache-resident size is written with plain stores, a batch of
+  // them over the streaming size with streaming stores. Neither counts as
+  // cache-resident, so they sum the same way.
+  const distgn::CpuTuning tuning = distgn::cpu_tuning();
+  INFO(distgn::describe(tuning));
+  const int64_t W = 64, C = 320, row_bytes = W * C * int64_t(sizeof(float));
+  const int64_t H = tuning.cache_resident_bytes / row_bytes + 1, per_sample = H * W * C;
+  const int64_t N = tuning.streamed_output_bytes / (per_sample * int64_t(sizeof(float))) + 1;
+  REQUIRE(per_sample * int64_t(sizeof(float)) <= tuning.streamed_output_bytes);  // one sample: plain stores
+  const Shape shape = {N, H, W, C}, one = {1, H, W, C};
+  std::vector<float> x(static_cast<size_t>(N * per_sample)), y(x.size()), y_sample(static_cast<size_t>(per_sample));
   std::mt19937 rng(11);
   std::normal_distribution<float> normal(3.0f, 2.0f);
   for (float& v : x) v = normal(rng);
@@ -53,7 +61,7 @@ TEST_CASE("stream rows: a streamed forward equals the same samples run one at a 
   GroupNorm layer{GroupNormConfig{}};  // G = 32, scale 1, bias 0
   layer.forward(TensorView{x.data(), shape, DType::f32, Layout::channels_last},
                 TensorView{y.data(), shape, DType::f32, Layout::channels_last});
-  for (int64_t n = 0; n < 4; ++n) {
+  for (int64_t n = 0; n < N; ++n) {
     layer.forward(TensorView{x.data() + n * per_sample, one, DType::f32, Layout::channels_last},
                   TensorView{y_sample.data(), one, DType::f32, Layout::channels_last});
     INFO("sample " << n);

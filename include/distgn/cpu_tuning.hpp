@@ -1,0 +1,38 @@
+// distgn/cpu_tuning.hpp: what the CPU backend found on this machine and the
+// size thresholds it derived from that, so that a benchmark can print them
+// beside its figures. DISTGN_CPU_TUNING overrides the thresholds for
+// experiments, e.g. DISTGN_CPU_TUNING="cache_resident=8M,streamed_output=32M".
+// Results do not depend on streamed_output or fused_block (bitwise);
+// cache_resident picks between two orders of the same float sums, so results
+// may differ between settings in the last bits (within semantics §8).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace distgn {
+
+struct CpuTuning {
+  // Read once per process: /proc/cpuinfo and /sys/devices/system/cpu/cpu0/cache.
+  std::string cpu_model;  // "model name" of /proc/cpuinfo, or "unknown"
+  int64_t l1d_bytes = 0;  // per core
+  int64_t l2_bytes = 0;   // per core: the cache over the logical CPUs sharing it
+  int64_t l3_bytes = 0;   // as reported (a virtual machine may report a whole socket's)
+  // Derived for `threads` OpenMP threads (docs/performance.md, "CPU tuning").
+  int threads = 1;
+  int64_t cache_resident_bytes = 0;   // inputs up to this size: register-block kernels
+  int64_t streamed_output_bytes = 0;  // float32 channels-last outputs larger: streaming stores
+  int64_t fused_block_bytes = 0;      // one-rank calls run in blocks of cells of about this
+                                      // many bytes of float32 input
+  std::string source;  // "derived from the caches" or "DISTGN_CPU_TUNING=..."
+};
+
+// The tuning for `threads` OpenMP threads (0: omp_get_max_threads()).
+// Throws distgn::Error if DISTGN_CPU_TUNING is malformed.
+CpuTuning cpu_tuning(int threads = 0);
+
+// "Intel(R) Xeon(R) ..., L1d 48 KiB, L2 2048 KiB per core, L3 480 MiB; 2 threads:
+// cache-resident <= 8 MiB, streamed > 32 MiB, fused blocks 8 MiB (derived from the caches)"
+std::string describe(const CpuTuning& tuning);
+
+}  // namespace distgn
