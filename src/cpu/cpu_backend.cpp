@@ -1,6 +1,6 @@
 // The CPU backend: OpenMP over fixed-size chunks of a cell range, so results
 // do not depend on the thread count. Partial sums run in float over small
-// blocks and accumulate in double (see kRowBlock); the elementwise
+// blocks and accumulate in double (see cpu/tuning.hpp); the elementwise
 // arithmetic runs in the plan's compute dtype (semantics §6, §9).
 #include <omp.h>
 
@@ -21,6 +21,8 @@
 
 namespace distgn {
 namespace {
+
+using namespace cpu;  // the tuning constants (cpu/tuning.hpp)
 
 // Per-cell statistics and per-channel parameters the elementwise kernels
 // apply, host arrays.
@@ -56,11 +58,6 @@ void broadcast_mask(const KernelPlan& plan, const MaskView& mask, std::vector<ui
   }
 }
 
-// Elements one chunk covers: small enough to spread a few large cells over
-// every core and to stay in L2, large enough that per-chunk work (shifts,
-// folds of per-column sums) is noise.
-constexpr int64_t kChunkElements = 65536;
-
 inline float widen(float v) { return v; }
 inline double widen(double v) { return v; }
 inline float widen(half_t v) { return to_float(v); }
@@ -90,10 +87,8 @@ struct Staged<half_t> {
 template <class T>
 using staged_t = typename Staged<T>::type;
 
-// Rows staged per conversion when T or D is staged: a few narrow rows
-// together (one call per 64-wide row measured its own overhead), wide rows
-// one at a time (so the staged rows stay in L1). 1 when nothing is staged.
-constexpr int64_t kStageElements = 512;
+// Rows staged per conversion when T or D is staged: kStageElements' worth
+// of rows, at least one. 1 when nothing is staged.
 template <class T, class D = T>
 inline int64_t stage_rows_of([[maybe_unused]] int64_t width) {
   if constexpr (std::is_same_v<staged_t<T>, T> && std::is_same_v<staged_t<D>, D>) return 1;
@@ -111,17 +106,13 @@ const staged_t<T>* staged_input(const T* src, [[maybe_unused]] int64_t n, [[mayb
   }
 }
 
-// The channel_rows forward writes outputs larger than the threshold
-// (cpu/tuning.cpp) with streaming stores (cpu/stream_rows.hpp). Measured and
-// not streamed: the contiguous forward (NCHW 8x320x64x64 8% slower streamed)
-// and dx in both forms (up to 1.8x slower).
-//
 // Whether the kernels stream their output of type Y for this plan: float32
-// only (the other types are written in their own type from registers).
+// only (the other types are written in their own type from registers), and
+// only outputs larger than streamed_output_bytes (cpu/tuning.hpp).
 template <class Y>
 bool streams_output(const KernelPlan& p) {
   return std::is_same_v<Y, float> && stream_rows_in_hardware() &&
-         p.num_cells * p.cell_elements * int64_t(sizeof(float)) > cpu::thresholds().streamed_output_bytes;
+         p.num_cells * p.cell_elements * int64_t(sizeof(float)) > thresholds().streamed_output_bytes;
 }
 
 // Where the kernels write n elements bound for dst: dst itself, or
@@ -182,15 +173,6 @@ double first_valid(const T* x, const uint8_t* mask, int64_t first, int64_t count
   }
   return 0.0;
 }
-
-// Partial sums run in the block type over a few rows (or a few vectors of
-// a run) and are added to double accumulators once per block: float for
-// data that is not float64 (semantics §5 asks for at least float32; the shift makes
-// the block's terms small, so the rounding stays far below semantics §8's bars),
-// which halves the vector work of the reductions against double throughout.
-constexpr int64_t kRowBlock = 8;    // rows summed in registers (narrow rows, cache-resident calls)
-constexpr int64_t kFlushRows = 32;  // rows summed in per-column block sums before the double sums
-constexpr int64_t kRunBlock = 256;  // contiguous elements summed in the block type
 
 // Rows [0, rows) in blocks of kRowBlock, then one at a time: f(first_row,
 // std::integral_constant<int64_t, n>) so that each block's row loop unrolls.
@@ -281,32 +263,18 @@ inline void for_run_blocks(int64_t n, F&& f) {
   for (int64_t e = 0; e < n; e += kRunBlock) f(e, std::min(n, e + kRunBlock));
 }
 
-// The statistics sum rows up to this wide kRowBlock at a time in registers
-// (the block is one contiguous stretch of memory); wider rows one after
-// another into per-column block sums in memory, which keeps a single stream
-// per array: many concurrent row streams measured slower from DRAM.
-constexpr int64_t kNarrowRow = 128;
-constexpr int64_t kPrefetchBlocks = 4;
-
-// A call whose input is at most cache_resident bytes (cpu/tuning.cpp) is
-// read from cache. There all four channel_rows kernels work in register
-// blocks of kRowBlock rows at every width, coefficients loaded once per
-// block: NHWC 2x16x16x1280 (2.6 MB) statistics 0.060 -> 0.043 ms,
-// normalisation 0.058 -> 0.049 ms, backward 0.178 -> 0.144 ms on the AMD
-// machine. From DRAM the same blocks measured slower (8x64x64x320
-// statistics 1.55 -> 2.0 ms, 16x56x56x64 normalisation 0.53 -> 0.73 ms, its
-// backward 1.25 -> 1.8 ms), so larger calls go row by row (the statistics
-// of narrow rows excepted).
+// Whether the call's input is read from cache (cache_resident_bytes,
+// cpu/tuning.hpp): then all four kernels work in register blocks of
+// kRowBlock rows at every width.
 bool cache_resident(const KernelPlan& p) {
-  return p.num_cells * p.cell_elements * int64_t(dtype_size(p.input_dtype)) <= cpu::thresholds().cache_resident_bytes;
+  return p.num_cells * p.cell_elements * int64_t(dtype_size(p.input_dtype)) <= thresholds().cache_resident_bytes;
 }
 
 // sum[j] += sum over rows of (x - shift[j]), sum_sq[j] += the squares, for
 // `rows` rows of `width` columns starting at x (no mask), in register blocks
 // of rows or row by row, both into per-column block sums in A added to the
-// double sums every kFlushRows rows (adding each register block to double
-// measured 10-15% slower). block: 3 * width of scratch in A; stage:
-// kRowBlock * width floats.
+// double sums every kFlushRows rows. block: 3 * width of scratch in A;
+// stage: kRowBlock * width floats.
 template <class A, class T>
 void accumulate_shifted_columns(const T* x, int64_t rows, int64_t width, const double* shift, A* block,
                                 float* stage, double* sum, double* sum_sq, bool register_blocks) {
@@ -370,12 +338,10 @@ void accumulate_shifted_columns(const T* x, int64_t rows, int64_t width, const d
 
 // sum_dy[j] += sum over rows of dy, sum_dy_xhat[j] += sum of dy * xhat with
 // xhat = (x - mean[j]) * rstd[j], all in the compute type C: in register
-// blocks of kRowBlock rows (cache-resident calls: NHWC 2x16x16x1280 backward
-// 0.178 -> 0.144 ms with input_grad_rows' blocks), otherwise row by row into
-// per-column block sums whatever the width (with two input streams from
-// DRAM the register blocks measured slower even on narrow rows: 16x56x56x64
-// backward 1.25 -> 1.42 ms). block: 2 * width of scratch in C, stage: 2 *
-// max(kRowBlock, stage_rows_of(width)) * width floats.
+// blocks of kRowBlock rows (cache-resident calls), otherwise row by row into
+// per-column block sums whatever the width (cache_resident_bytes). block: 2 *
+// width of scratch in C, stage: 2 * max(kRowBlock, stage_rows_of(width)) *
+// width floats.
 template <class T, class D, class C>
 void accumulate_backward_columns(const T* x, const D* dy, int64_t rows, int64_t width, const C* mean,
                                  const C* rstd, C* block, float* stage, double* sum_dy, double* sum_dy_xhat,
@@ -488,7 +454,7 @@ class CpuBackend final : public Backend {
     const int64_t unit = p.form == KernelPlan::Form::channel_rows ? p.cells_per_row : 1;
     const int64_t unit_elements = std::max<int64_t>(1, unit * p.cell_elements);
     const int64_t per_block =
-        equal_parts(p.num_cells / unit, std::max<int64_t>(1, cpu::thresholds().fused_block_elements / unit_elements)).size * unit;
+        equal_parts(p.num_cells / unit, std::max<int64_t>(1, thresholds().fused_block_elements / unit_elements)).size * unit;
     for (int64_t begin = 0; begin < p.num_cells; begin += per_block)
       out.push_back({begin, std::min(p.num_cells, begin + per_block)});
     return out;
@@ -605,16 +571,14 @@ class CpuBackend final : public Backend {
   // Scratch each thread reuses across calls, so steady-state calls allocate
   // nothing.
   // The calling thread's buffer of `per_thread`, at least count long and
-  // 64-byte aligned: vector loads from a buffer malloc left 16-byte aligned
-  // split cache lines (float16 normalisation measured 1.7x slower when a
-  // resize moved the staging buffer).
+  // aligned to kScratchAlignment.
   template <class V>
   static V* thread_buffer(std::vector<std::vector<V>>& per_thread, size_t count) {
     auto& buffer = per_thread[size_t(omp_get_thread_num())];
-    constexpr size_t kPad = 64 / sizeof(V);
+    constexpr size_t kPad = kScratchAlignment / sizeof(V);
     if (buffer.size() < count + kPad) buffer.resize(count + kPad);
     const uintptr_t at = reinterpret_cast<uintptr_t>(buffer.data());
-    return reinterpret_cast<V*>((at + 63) & ~uintptr_t(63));
+    return reinterpret_cast<V*>((at + (kScratchAlignment - 1)) & ~uintptr_t(kScratchAlignment - 1));
   }
   double* thread_scratch(size_t count) { return thread_buffer(scratch_, count); }
   // Block sums of the wide-row reductions, in their type.

@@ -1,19 +1,107 @@
-// The CPU backend's size thresholds for one call, from the caches read once
-// per process (src/cpu/tuning.cpp says how each is derived). A plain struct:
-// a call asks for it once, without allocating.
+// Every tuning constant of the CPU backend (cpu_backend.cpp and the kernels
+// it includes), each with what it trades. None changes what a call computes
+// beyond the grouping of its sums, and results never depend on the thread
+// count: the chunks are fixed by these sizes, not by the threads.
+//
+// "Measured" figures are from the 2-core development machine of
+// docs/performance.md (AMD EPYC, AVX-512, 2 threads, float32 unless said),
+// which is shared and noisy (10-20% between runs). A constant without a
+// figure was chosen by the reasoning given, with no measurement recorded.
 #pragma once
 
 #include <cstdint>
 
 namespace distgn::cpu {
 
+// ---- how a call is cut up ----------------------------------------------------------
+
+// Elements one chunk covers (the unit of the OpenMP loops and of the fixed
+// grouping of sums): small enough to spread a few large cells over every
+// core and to stay in L2, large enough that per-chunk work (shifts, folds of
+// per-column sums) is noise. No figure recorded.
+constexpr int64_t kChunkElements = 65536;
+
+// The block size of a group of one rank (statistics, then normalisation;
+// backward sums, then dx, per block of cells) is derived from the machine's
+// caches with the other size thresholds: Thresholds below.
+
+// ---- reductions: partial sums in the block type -------------------------------------
+// Partial sums run in the block type over a few rows (or a few vectors of a
+// run) and are added to double accumulators once per block: float for data
+// that is not float64 (semantics §5 asks for at least float32; the shift
+// makes the block's terms small, so the rounding stays far below semantics
+// §8's bars), which halves the vector work of the reductions against double
+// throughout. Larger blocks mean fewer adds to double but more rounding in
+// the block type.
+
+// Rows summed in registers (narrow rows, cache-resident calls): the block's
+// row loop unrolls, and the per-column coefficients load once per block.
+// Where the blocks pay and where they cost: cache_resident_bytes, kNarrowRow.
+constexpr int64_t kRowBlock = 8;
+
+// Rows summed in per-column block sums before they are added to the double
+// sums: adding each register block to double measured 10-15% slower.
+constexpr int64_t kFlushRows = 32;
+
+// Contiguous elements (contiguous_cells) summed in the block type before the
+// double sums. No figure recorded.
+constexpr int64_t kRunBlock = 256;
+
+// The statistics sum rows up to this wide kRowBlock at a time in registers
+// (the block is one contiguous stretch of memory); wider rows one after
+// another into per-column block sums in memory, which keeps a single stream
+// per array: many concurrent row streams measured slower from DRAM (no
+// figure recorded).
+constexpr int64_t kNarrowRow = 128;
+
+// How many register blocks ahead the wide-row statistics prefetch: the
+// hardware prefetchers lag on a few rows read side by side. No figure
+// recorded.
+constexpr int64_t kPrefetchBlocks = 4;
+
+// ---- by the size of a call and the machine -------------------------------------------
+// Derived from the threads' L2 at run time (src/cpu/tuning.cpp gives each
+// derivation and the AMD figures it reproduces), or DISTGN_CPU_TUNING:
+//  - cache_resident_bytes: a call whose input is at most this large is read
+//    from cache, and all four channel_rows kernels work in register blocks
+//    of kRowBlock rows at every width, coefficients loaded once per block.
+//    From DRAM the same blocks measured slower (8x64x64x320 statistics 1.55
+//    -> 2.0 ms, 16x56x56x64 normalisation 0.53 -> 0.73 ms, its backward
+//    1.25 -> 1.8 ms; the backward sums' register blocks, with two input
+//    streams, even on narrow rows: 16x56x56x64 backward 1.25 -> 1.42 ms),
+//    so larger calls go row by row (the statistics of narrow rows excepted,
+//    kNarrowRow).
+//  - streamed_output_bytes: the channel_rows forward writes float32 outputs
+//    larger than this with streaming stores (cpu/stream_rows.hpp). Measured
+//    and not streamed: the contiguous forward (NCHW 8x320x64x64 8% slower
+//    streamed) and dx in both forms (up to 1.8x slower).
+//  - fused_block_elements: with a group of one rank, cells are processed in
+//    blocks of about this many elements so that a block is still in cache
+//    when the second pass reads it.
 struct Thresholds {
   int64_t cache_resident_bytes;
   int64_t streamed_output_bytes;
   int64_t fused_block_elements;  // fused_block_bytes of float32
 };
 
-// For the current OpenMP thread count.
+// For the current OpenMP thread count; reads the caches once per process
+// and allocates nothing.
 Thresholds thresholds();
+
+// ---- float16 staging -----------------------------------------------------------------
+
+// Elements staged per conversion when a kernel stages float16 rows through
+// float scratch (see Staged): a few narrow rows together (one call per
+// 64-wide row measured its own overhead), wide rows one at a time (so the
+// staged rows stay in L1).
+constexpr int64_t kStageElements = 512;
+
+// ---- scratch ------------------------------------------------------------------------------
+
+// Alignment of every per-thread scratch buffer (a cache line): vector loads
+// from a buffer malloc left 16-byte aligned split cache lines (float16
+// normalisation measured 1.7x slower when a resize moved the staging
+// buffer).
+constexpr uintptr_t kScratchAlignment = 64;
 
 }  // namespace distgn::cpu
