@@ -11,6 +11,7 @@
 #include <cstring>
 #include <string>
 
+#include "distgn/build_config.hpp"
 #include "distgn/error.hpp"
 #include "distgn/group_norm.hpp"
 
@@ -19,13 +20,21 @@ using namespace distgn;
 
 namespace {
 
-TensorView make_view(uintptr_t data, Shape shape, const std::string& dtype, const std::string& layout) {
+// "cpu" or "cuda" (device memory: a CUDA build only, which the layer checks).
+Device parse_device(const std::string& device) {
+  if (device == "cpu") return Device::cpu;
+  if (device == "cuda") return Device::cuda;
+  throw Error("device must be \"cpu\" or \"cuda\", not \"" + device + "\"");
+}
+
+TensorView make_view(uintptr_t data, Shape shape, const std::string& dtype, const std::string& layout,
+                     const std::string& device) {
   TensorView v;
   v.data = reinterpret_cast<void*>(data);
   v.shape = std::move(shape);
   v.dtype = parse_dtype(dtype);
   v.layout = parse_layout(layout);
-  v.device = Device::cpu;
+  v.device = parse_device(device);
   return v;
 }
 
@@ -45,6 +54,8 @@ NB_MODULE(_distgn, m) {
   // autograd graphs alive at interpreter exit hold layers and states; that
   // is torch's teardown order, not a leak of the binding's.
   nb::set_leak_warnings(false);
+  // Whether this build has the CUDA backend (device tensors).
+  m.attr("with_cuda") = bool(DISTGN_WITH_CUDA);
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
       std::rethrow_exception(p);
@@ -55,18 +66,20 @@ NB_MODULE(_distgn, m) {
 
   nb::class_<TensorView>(m, "View")
       .def("__init__",
-           [](TensorView* self, uintptr_t data, Shape shape, const std::string& dtype, const std::string& layout) {
-             new (self) TensorView(make_view(data, std::move(shape), dtype, layout));
+           [](TensorView* self, uintptr_t data, Shape shape, const std::string& dtype, const std::string& layout,
+              const std::string& device) {
+             new (self) TensorView(make_view(data, std::move(shape), dtype, layout, device));
            },
-           nb::arg("data"), nb::arg("shape"), nb::arg("dtype"), nb::arg("layout") = "nhwc")
+           nb::arg("data"), nb::arg("shape"), nb::arg("dtype"), nb::arg("layout") = "nhwc",
+           nb::arg("device") = "cpu")
       .def_ro("shape", &TensorView::shape);
 
   nb::class_<MaskView>(m, "MaskView")
       .def("__init__",
-           [](MaskView* self, uintptr_t data, Shape shape) {
-             new (self) MaskView{reinterpret_cast<const uint8_t*>(data), std::move(shape), Device::cpu};
+           [](MaskView* self, uintptr_t data, Shape shape, const std::string& device) {
+             new (self) MaskView{reinterpret_cast<const uint8_t*>(data), std::move(shape), parse_device(device)};
            },
-           nb::arg("data"), nb::arg("shape"))
+           nb::arg("data"), nb::arg("shape"), nb::arg("device") = "cpu")
       .def_ro("shape", &MaskView::shape);
 
   nb::class_<Plan>(m, "Plan")
@@ -111,6 +124,11 @@ NB_MODULE(_distgn, m) {
            })
       .def("set_scale", &GroupNorm::set_scale)
       .def("set_bias", &GroupNorm::set_bias)
+      // The CUDA stream (a cudaStream_t as an integer, torch's
+      // torch.cuda.current_stream().cuda_stream) of the calls on device tensors.
+      .def("set_stream",
+           [](GroupNorm& g, uintptr_t stream) { g.set_stream(reinterpret_cast<CUstream_st*>(stream)); },
+           nb::arg("stream"))
       .def("forward", &GroupNorm::forward, nb::arg("x"), nb::arg("y"), nb::arg("mask").none(),
            nb::arg("state").none(), nb::call_guard<nb::gil_scoped_release>())
       .def("backward",

@@ -32,3 +32,11 @@ def test_wrong_channels_and_mask():
 def test_unsupported_dtype():
     with pytest.raises(ValueError, match="float32, float64, float16 and bfloat16"):
         dgn.group_norm(torch.ones(2, 4, 3, dtype=torch.int32), 2)
+
+
+def test_other_devices_raise():
+    from distgn import _distgn
+    with pytest.raises(ValueError, match="runs on CPU and CUDA tensors, not meta"):
+        dgn.group_norm(torch.empty(2, 4, 3, device="meta"), 2)
+    with pytest.raises(ValueError, match='device must be "cpu" or "cuda"'):
+        _distgn.View(0, [2], "f32", "nhwc", "tpu")

@@ -123,9 +123,9 @@ def test_channels_last_runs_on_the_tensors_memory(monkeypatch):
     seen = []
     real = _distgn.View
 
-    def spy(data, shape, dtype, layout="nhwc"):
+    def spy(data, shape, dtype, layout="nhwc", device="cpu"):
         seen.append((data, tuple(shape), layout))
-        return real(data, shape, dtype, layout)
+        return real(data, shape, dtype, layout, device)
 
     monkeypatch.setattr(_distgn, "View", spy)
     for fmt, layout in [(torch.contiguous_format, "nchw"), (torch.channels_last, "nhwc")]:

@@ -17,6 +17,8 @@ tensor (a strided view) is made contiguous once.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -53,10 +55,31 @@ def _as_layout(t: torch.Tensor, fmt) -> torch.Tensor:
     return t.contiguous(memory_format=fmt)
 
 
+def _device_name(t: torch.Tensor) -> str:
+    """distgn's name of t's device ("cpu", "cuda"); ValueError where this build cannot run it."""
+    if t.device.type == "cpu":
+        return "cpu"
+    if t.device.type == "cuda":
+        if not _distgn.with_cuda:
+            raise ValueError("this build of distgn has no CUDA backend, so it cannot run CUDA tensors; build it with "
+                             "pip install . --config-settings=cmake.define.DISTGN_CUDA=ON (nvcc needed)")
+        return "cuda"
+    raise ValueError(f"distgn.torch runs on CPU and CUDA tensors, not {t.device}")
+
+
 def _view(t: torch.Tensor, layout: str, shape) -> "_distgn.View":
-    if t.device.type != "cpu":
-        raise ValueError(f"distgn.torch runs on CPU tensors in this build, not {t.device}")
-    return _distgn.View(t.data_ptr(), list(shape), _dtype_name(t.dtype), layout)
+    return _distgn.View(t.data_ptr(), list(shape), _dtype_name(t.dtype), layout, _device_name(t))
+
+
+def _on_device(t: torch.Tensor):
+    """The context of a call on t: its CUDA device current, or nothing for the CPU."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _use_current_stream(layer, t: torch.Tensor):
+    """A call on CUDA tensors runs on torch's current stream of their device."""
+    if t.device.type == "cuda":
+        layer.set_stream(torch.cuda.current_stream(t.device).cuda_stream)
 
 
 def _mask_view(mask, x: torch.Tensor, layout: str):
@@ -73,7 +96,7 @@ def _mask_view(mask, x: torch.Tensor, layout: str):
     if layout == "nhwc":
         m = m.permute(0, *range(2, x.dim()), 1)
     m = (m != 0).contiguous().view(torch.uint8)
-    return m, _distgn.MaskView(m.data_ptr(), list(m.shape))
+    return m, _distgn.MaskView(m.data_ptr(), list(m.shape), _device_name(m))
 
 
 class _Config:
@@ -130,10 +153,11 @@ class _Config:
         cached = self._loaded.get(id(layer))
         if cached is not None and cached[0] == key:
             return
+        # the layer copies them from host memory (and onto the device itself)
         if w is not None:
-            layer.set_scale(_param(w))
+            layer.set_scale(_param(w.cpu()))
         if b is not None:
-            layer.set_bias(_param(b))
+            layer.set_bias(_param(b.cpu()))
         self._loaded[id(layer)] = (key, (w, b))
 
     def group(self):
@@ -311,23 +335,52 @@ def _is_mpi(pg) -> bool:
     return hasattr(pg, "Allgather") and hasattr(pg, "Allreduce")
 
 
+def _staged(comm, *tensors):
+    """NCCL takes device tensors: the host payloads' copies on the current
+    CUDA device (the tensors themselves for any other backend)."""
+    if comm.backend != "nccl":
+        return tensors
+    device = torch.device("cuda", torch.cuda.current_device())
+    return tuple(t.to(device) for t in tensors)
+
+
+def _all_reduce(comm, payload):
+    """One all_reduce (sum) of the host tensor `payload` over comm, in place."""
+    if comm.backend is None:
+        from mpi4py import MPI
+        comm.handle.Allreduce(MPI.IN_PLACE, payload.numpy())
+        return
+    (staged,) = _staged(comm, payload)
+    _collective("all_reduce", staged, group=comm.handle)
+    if staged is not payload:
+        payload.copy_(staged)
+
+
 def _all_gather(comm, out, send):
-    """One all_gather of `send` from every rank into `out`, in rank order."""
+    """One all_gather of the host tensor `send` from every rank into `out`, in rank order."""
     if comm.backend is None:
         comm.handle.Allgather(send.numpy(), out.numpy())
     elif comm.backend == "gloo":  # gloo has no all_gather_into_tensor (torch 1.13)
         _collective("all_gather", list(out.view(comm.size, -1).unbind(0)), send, group=comm.handle)
     else:
-        _collective("all_gather_into_tensor", out, send, group=comm.handle)
+        staged_out, staged_send = _staged(comm, out, send)
+        _collective("all_gather_into_tensor", staged_out, staged_send, group=comm.handle)
+        if staged_out is not out:
+            out.copy_(staged_out)
 
 
 def _param(t):
-    return _distgn.View(t.data_ptr(), [t.numel()], _dtype_name(t.dtype), "nhwc")
+    return _distgn.View(t.data_ptr(), [t.numel()], _dtype_name(t.dtype), "nhwc", _device_name(t))
 
 
 class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mask, cfg: _Config, num_channels):
+        with _on_device(x):
+            return _GroupNormFunction._forward(ctx, x, weight, bias, mask, cfg, num_channels)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, mask, cfg: _Config, num_channels):
         comm = cfg.group()
         # With a process group, a rank whose call is invalid (its channels,
         # dtype, mask or shape) still takes part in the collective, flagging
@@ -343,6 +396,7 @@ class _GroupNormFunction(torch.autograd.Function):
             pdtype = _dtype_name(w.dtype) if w is not None else (_dtype_name(b.dtype) if b is not None else None)
             layer = cfg.layer(_dtype_name(xc.dtype), pdtype, w is not None, b is not None)
             cfg.load_parameters(layer, w, b)
+            _use_current_stream(layer, xc)
             mask_owner, mview = _mask_view(mask, xc, layout)
             xv = _view(xc, layout, shape)
             plan = cfg.plan(layer, shape, layout, _dtype_name(xc.dtype))
@@ -371,22 +425,30 @@ class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # distgn's backward is not itself differentiable
     def backward(ctx, dy):
+        with _on_device(dy):
+            return _GroupNormFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         xc, w, b = ctx.saved_tensors
         layer, state, layout, shape = ctx.layer, ctx.state, ctx.layout, ctx.shape
         # The layer may have run another call since: its parameters are this call's again.
         ctx.cfg.load_parameters(layer, w, b)
+        _use_current_stream(layer, xc)
         dy = _as_layout(dy, ctx.fmt)
         if dy.dtype not in _DTYPES:
             dy = dy.to(xc.dtype)
         mask_owner = ctx.mask_owner
-        mview = None if mask_owner is None else _distgn.MaskView(mask_owner.data_ptr(), list(mask_owner.shape))
+        mview = None if mask_owner is None else _distgn.MaskView(mask_owner.data_ptr(), list(mask_owner.shape),
+                                                                  _device_name(mask_owner))
         xv, dyv = _view(xc, layout, shape), _view(dy, layout, shape)
         dx = torch.empty(xc.shape, dtype=xc.dtype, device=xc.device, memory_format=ctx.fmt)
         dxv = _view(dx, layout, shape)
         pdtype = w.dtype if w is not None else (b.dtype if b is not None else torch.float32)
         channels = state.plan.channels
-        dw = torch.empty(channels, dtype=pdtype) if ctx.has_weight else None
-        db = torch.empty(channels, dtype=pdtype) if ctx.has_bias else None
+        # dweight/dbias where x is (the layer writes them on the device for CUDA x)
+        dw = torch.empty(channels, dtype=pdtype, device=xc.device) if ctx.has_weight else None
+        db = torch.empty(channels, dtype=pdtype, device=xc.device) if ctx.has_bias else None
         dwv = _param(dw) if dw is not None else None
         dbv = _param(db) if db is not None else None
         comm = ctx.cfg.group()
@@ -407,11 +469,7 @@ class _GroupNormFunction(torch.autograd.Function):
                 payload.zero_()
                 payload[0] = 1
             own = None if ctx.cfg.reduce_param_grads else payload[1 + 2 * cells:].clone()
-            if comm.backend is None:
-                from mpi4py import MPI
-                comm.handle.Allreduce(MPI.IN_PLACE, payload.numpy())
-            else:
-                _collective("all_reduce", payload, group=comm.handle)
+            _all_reduce(comm, payload)
             if error:
                 raise ValueError(error)
             if payload[0].item() != 0:
