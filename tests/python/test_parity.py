@@ -267,3 +267,10 @@ def test_parameters_changed_in_place_are_used():
         other.weight.uniform_()
     layer.load_state_dict(other.state_dict())
     assert rel_err(layer(x), other(x)) < 1e-5
+
+
+def test_payloads_go_over_the_groups_cpu_backend():
+    """torch 2's multi-backend groups ("cpu:gloo,cuda:nccl") carry the host payloads over their CPU backend."""
+    assert dgn._host_backend("cpu:gloo,cuda:nccl") == "gloo"
+    assert dgn._host_backend("gloo") == "gloo" and dgn._host_backend("nccl") == "nccl"
+    assert dgn._host_backend(None) is None  # mpi4py

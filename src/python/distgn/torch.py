@@ -113,7 +113,7 @@ class _Config:
         self.axis_index_groups = axis_index_groups
         self.reduce_param_grads = bool(reduce_param_grads)
         self._layers = {}
-        self._subgroup = None
+        self._subgroup = _UNSET
         self._exchange = None
         self._plans = {}
         self._loaded = {}
@@ -165,7 +165,7 @@ class _Config:
         pg = self.process_group
         if pg is None:
             return None
-        if self._subgroup is None:
+        if self._subgroup is _UNSET:  # made once (None: a subgroup of this rank alone)
             self._subgroup = _comm(pg, self.axis_index_groups)
         return self._subgroup
 
@@ -180,6 +180,7 @@ class _Comm:
         self.handle, self.size, self.backend = handle, size, backend
 
 
+_UNSET = object()
 _SUBGROUPS = {}  # (process group, this rank's subgroup's global ranks) -> _Comm: one communicator each
 
 
@@ -193,9 +194,9 @@ def _comm(pg, axis_index_groups):
         if dist.get_rank(pg) < 0:
             raise ValueError(f"this rank (global rank {dist.get_rank()}) is not a member of the layer's process_group")
     size = pg.Get_size() if mpi else dist.get_world_size(pg)
-    backend = None if mpi else dist.get_backend(pg)
+    backend = None if mpi else str(dist.get_backend(pg))
     if axis_index_groups is None:
-        return _Comm(pg, size, backend)
+        return _Comm(pg, size, _host_backend(backend))
     groups = [list(map(int, g)) for g in axis_index_groups]
     flat = sorted(r for g in groups for r in g)
     if flat != list(range(size)):
@@ -213,8 +214,18 @@ def _comm(pg, axis_index_groups):
     global_ranks = tuple(sorted(_global_ranks(pg)[r] for r in mine))  # new_group sorts them too
     key = (pg, global_ranks)
     if key not in _SUBGROUPS:
-        _SUBGROUPS[key] = _Comm(_member_group(pg, global_ranks, backend), len(mine), backend)
+        _SUBGROUPS[key] = _Comm(_member_group(pg, global_ranks, backend), len(mine), _host_backend(backend))
     return _SUBGROUPS[key]
+
+
+def _host_backend(backend):
+    """The backend that carries host tensors: a group of several backends
+    (torch 2's "cpu:gloo,cuda:nccl") sends the payloads, which are host
+    memory, over its CPU one."""
+    if backend is None or ":" not in backend:
+        return backend
+    parts = dict(item.split(":", 1) for item in backend.split(","))
+    return parts.get("cpu", backend)
 
 
 def _global_ranks(pg):
