@@ -57,9 +57,9 @@ def _as_layout(t: torch.Tensor, fmt) -> torch.Tensor:
 
 def _device_name(t: torch.Tensor) -> str:
     """distgn's name of t's device ("cpu", "cuda"); ValueError where this build cannot run it."""
-    if t.device.type == "cpu":
+    if t.is_cpu:  # (a flag: t.device would make an object at every view)
         return "cpu"
-    if t.device.type == "cuda":
+    if t.is_cuda:
         if not _distgn.with_cuda:
             raise ValueError("this build of distgn has no CUDA backend, so it cannot run CUDA tensors; build it with "
                              "pip install . --config-settings=cmake.define.DISTGN_CUDA=ON (nvcc needed)")
@@ -73,12 +73,15 @@ def _view(t: torch.Tensor, layout: str, shape) -> "_distgn.View":
 
 def _on_device(t: torch.Tensor):
     """The context of a call on t: its CUDA device current, or nothing for the CPU."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    return torch.cuda.device(t.device) if t.is_cuda else _NO_CONTEXT
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _use_current_stream(layer, t: torch.Tensor):
     """A call on CUDA tensors runs on torch's current stream of their device."""
-    if t.device.type == "cuda":
+    if t.is_cuda:
         layer.set_stream(torch.cuda.current_stream(t.device).cuda_stream)
 
 
@@ -458,8 +461,9 @@ class _GroupNormFunction(torch.autograd.Function):
         pdtype = w.dtype if w is not None else (b.dtype if b is not None else torch.float32)
         channels = state.plan.channels
         # dweight/dbias where x is (the layer writes them on the device for CUDA x)
-        dw = torch.empty(channels, dtype=pdtype, device=xc.device) if ctx.has_weight else None
-        db = torch.empty(channels, dtype=pdtype, device=xc.device) if ctx.has_bias else None
+        where = {"device": xc.device} if xc.is_cuda else {}
+        dw = torch.empty(channels, dtype=pdtype, **where) if ctx.has_weight else None
+        db = torch.empty(channels, dtype=pdtype, **where) if ctx.has_bias else None
         dwv = _param(dw) if dw is not None else None
         dbv = _param(db) if db is not None else None
         comm = ctx.cfg.group()
