@@ -4,7 +4,9 @@
 // experiments, e.g. DISTGN_CPU_TUNING="cache_resident=8M,streamed_output=32M".
 // Results do not depend on streamed_output or fused_block (bitwise);
 // cache_resident picks between two orders of the same float sums, so results
-// may differ between settings in the last bits (within semantics §8).
+// may differ between settings in the last bits (within semantics §8). It
+// depends on the machine (L2, processors), never on the thread count, so
+// neither do results.
 #pragma once
 
 #include <cstdint>
@@ -18,7 +20,9 @@ struct CpuTuning {
   int64_t l1d_bytes = 0;  // per core
   int64_t l2_bytes = 0;   // per core: the cache over the logical CPUs sharing it
   int64_t l3_bytes = 0;   // as reported (a virtual machine may report a whole socket's)
-  // Derived for `threads` OpenMP threads (docs/performance.md, "CPU tuning").
+  // Derived from the L2 (docs/performance.md, "CPU tuning"): cache_resident
+  // for the processors, the others for `threads` OpenMP threads.
+  int processors = 1;  // the processors this process may run on (its affinity mask)
   int threads = 1;
   int64_t cache_resident_bytes = 0;   // inputs up to this size: register-block kernels
   int64_t streamed_output_bytes = 0;  // float32 channels-last outputs larger: streaming stores
@@ -31,8 +35,9 @@ struct CpuTuning {
 // Throws distgn::Error if DISTGN_CPU_TUNING is malformed.
 CpuTuning cpu_tuning(int threads = 0);
 
-// "Intel(R) Xeon(R) ..., L1d 48 KiB, L2 2048 KiB per core, L3 480 MiB; 2 threads:
-// cache-resident <= 8 MiB, streamed > 32 MiB, fused blocks 8 MiB (derived from the caches)"
+// "Intel(R) Xeon(R) Processor, L1d 48 KiB, L2 2 MiB per core, L3 480 MiB; 2 processor(s),
+// 2 thread(s): cache-resident <= 8 MiB, streamed > 32 MiB, fused blocks 8 MiB (derived from
+// the caches)"
 std::string describe(const CpuTuning& tuning);
 
 }  // namespace distgn

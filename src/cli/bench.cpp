@@ -401,6 +401,7 @@ nlohmann::json json_line(const BenchRun& run, const CaseResult& r) {
             {"l1d_bytes", run.cpu.l1d_bytes},
             {"l2_bytes", run.cpu.l2_bytes},
             {"l3_bytes", run.cpu.l3_bytes},
+            {"processors", run.cpu.processors},
             {"cache_resident_bytes", run.cpu.cache_resident_bytes},
             {"streamed_output_bytes", run.cpu.streamed_output_bytes},
             {"fused_block_bytes", run.cpu.fused_block_bytes},

@@ -1,30 +1,34 @@
 // How the CPU backend sizes its choices by the machine it runs on.
 //
-// Every threshold is a multiple of the L2 cache the call's threads have
-// between them, T * L2 per core. The L3 is not used: a virtual machine
-// reports the whole socket's L3 as its own (480 MiB on the 2-core Intel
-// Xeon development machine), and other tenants use most of it. The factors
-// were set on the 2-core AMD EPYC machine (1 MiB L2 per core), where they
-// give the constants measured there:
+// Every threshold is a multiple of the L2 cache per core. The L3 is not
+// used: a virtual machine reports the whole socket's L3 as its own (480 MiB
+// on the 2-core Intel Xeon development machine), and other tenants use most
+// of it. The factors were set on the 2-core AMD EPYC machine (1 MiB L2 per
+// core, 2 threads), where they give the constants measured there:
 //
-//  - cache_resident = 2 * T * L2. A call whose input fits is read from cache
+//  - cache_resident = 2 * P * L2, P the processors this process may run on
+//    (omp_get_num_procs: the affinity mask), not the thread count: this is
+//    the one choice that changes the order of the float block sums (the
+//    chunks, and so the double sums, stay fixed), and results must not
+//    depend on the thread count. A call whose input fits is read from cache
 //    by the next pass (a benchmark's copy, forward and backward on the same
 //    buffers; a trainer's forward then backward) when the input and one
-//    array as large fit in the threads' L2s; there the four channels-last
-//    kernels run in register blocks of rows at every width, which from DRAM
-//    measured slower. AMD: 4 MiB (NHWC 2x16x16x1280, 2.6 MB: register
-//    blocks faster; 16x56x56x64, 12.8 MB, and 8x64x64x320, 42 MB: slower).
-//  - streamed_output = 8 * T * L2. A float32 channels-last forward whose
-//    output is larger writes it with streaming stores: it leaves the cache
-//    before anyone reads it, and the stores' reads for ownership cost. AMD:
-//    16 MiB (42 MB: 15% faster streamed; 2.6 MB: 1.7x slower).
+//    array as large fit in the L2s; there the four channels-last kernels run
+//    in register blocks of rows at every width, which from DRAM measured
+//    slower. AMD: 4 MiB (NHWC 2x16x16x1280, 2.6 MB: register blocks faster;
+//    16x56x56x64, 12.8 MB, and 8x64x64x320, 42 MB: slower).
+//  - streamed_output = 8 * T * L2, T the OpenMP threads of the call. A
+//    float32 channels-last forward whose output is larger writes it with
+//    streaming stores: it leaves the cache before anyone reads it, and the
+//    stores' reads for ownership cost. AMD: 16 MiB (42 MB: 15% faster
+//    streamed; 2.6 MB: 1.7x slower).
 //  - fused_block = 2 * T * L2 of float32 input. A group of one rank runs
 //    statistics then normalisation per block of cells of about this size,
-//    so that the second pass reads the block from cache. AMD: 1M elements.
+//    so that the second pass reads the block from its threads' caches. AMD:
+//    1M elements.
 //
-// None of the three changes which sums are formed except cache_resident,
-// which changes the order of the float block sums (the chunks, and so the
-// double sums, stay fixed), a difference within semantics §8.
+// Streaming and block sizes change how outputs are written and in which
+// blocks of whole cells the flow runs, never a value.
 #include "cpu/tuning.hpp"
 
 #include <omp.h>
@@ -172,13 +176,13 @@ const Override& override_settings() {
   return o;
 }
 
-cpu::Thresholds derive(int threads) {
+cpu::Thresholds derive(int threads, int processors) {
   const int64_t l2 = caches().l2 > 0 ? caches().l2 : kFallbackL2Bytes;
-  const int64_t l2s = int64_t(threads > 0 ? threads : 1) * l2;
+  const int64_t per_thread = int64_t(std::max(threads, 1)) * l2, per_processor = int64_t(std::max(processors, 1)) * l2;
   const Override& o = override_settings();
-  const int64_t fused_bytes = o.fused_block >= 0 ? o.fused_block : 2 * l2s;
-  return {o.cache_resident >= 0 ? o.cache_resident : 2 * l2s,
-          o.streamed_output >= 0 ? o.streamed_output : 8 * l2s,
+  const int64_t fused_bytes = o.fused_block >= 0 ? o.fused_block : 2 * per_thread;
+  return {o.cache_resident >= 0 ? o.cache_resident : 2 * per_processor,
+          o.streamed_output >= 0 ? o.streamed_output : 8 * per_thread,
           std::max<int64_t>(1, fused_bytes / int64_t(sizeof(float)))};
 }
 
@@ -190,16 +194,17 @@ std::string size_text(int64_t bytes) {
 
 }  // namespace
 
-cpu::Thresholds cpu::thresholds() { return derive(omp_get_max_threads()); }
+cpu::Thresholds cpu::thresholds() { return derive(omp_get_max_threads(), omp_get_num_procs()); }
 
 CpuTuning cpu_tuning(int threads) {
   if (threads <= 0) threads = omp_get_max_threads();
-  const cpu::Thresholds t = derive(threads);
+  const cpu::Thresholds t = derive(threads, omp_get_num_procs());
   CpuTuning out;
   out.cpu_model = caches().model;
   out.l1d_bytes = caches().l1d;
   out.l2_bytes = caches().l2;
   out.l3_bytes = caches().l3;
+  out.processors = omp_get_num_procs();
   out.threads = threads;
   out.cache_resident_bytes = t.cache_resident_bytes;
   out.streamed_output_bytes = t.streamed_output_bytes;
@@ -212,7 +217,8 @@ CpuTuning cpu_tuning(int threads) {
 
 std::string describe(const CpuTuning& t) {
   return t.cpu_model + ", L1d " + size_text(t.l1d_bytes) + ", L2 " + size_text(t.l2_bytes) + " per core, L3 " +
-         size_text(t.l3_bytes) + "; " + std::to_string(t.threads) + " thread(s): cache-resident <= " +
+         size_text(t.l3_bytes) + "; " + std::to_string(t.processors) + " processor(s), " +
+         std::to_string(t.threads) + " thread(s): cache-resident <= " +
          size_text(t.cache_resident_bytes) + ", streamed > " + size_text(t.streamed_output_bytes) +
          ", fused blocks " + size_text(t.fused_block_bytes) + " (" + t.source + ")";
 }
