@@ -444,17 +444,20 @@ class CpuBackend final : public Backend {
     bias_ = bias;
   }
 
-  // Blocks of about fused_block_elements elements (cpu/tuning.cpp; whole
-  // cells, whole rows of cells for channel_rows), so that a block is still
-  // in cache when the second pass reads it.
-  std::vector<CellRange> blocks(const KernelPlan& p, int, bool one_rank) const override {
+  // Blocks of whole cells (whole rows of cells for channel_rows) whose
+  // arrays (x, and dy in backward: bytes_per_element) take about
+  // fused_block_bytes (cpu/tuning.cpp), so that a block is still in cache
+  // when the second pass reads it; one block when the whole call's arrays
+  // fit in twice that.
+  std::vector<CellRange> blocks(const KernelPlan& p, int bytes_per_element, bool one_rank) const override {
     std::vector<CellRange> out;
     if (p.num_cells == 0) return out;
-    if (!one_rank) return {{0, p.num_cells}};
+    const int64_t budget = thresholds().fused_block_bytes;
+    const int64_t call_bytes = p.num_cells * p.cell_elements * int64_t(bytes_per_element);
+    if (!one_rank || call_bytes <= 2 * budget) return {{0, p.num_cells}};
     const int64_t unit = p.form == KernelPlan::Form::channel_rows ? p.cells_per_row : 1;
-    const int64_t unit_elements = std::max<int64_t>(1, unit * p.cell_elements);
-    const int64_t per_block =
-        equal_parts(p.num_cells / unit, std::max<int64_t>(1, thresholds().fused_block_elements / unit_elements)).size * unit;
+    const int64_t unit_bytes = std::max<int64_t>(1, unit * p.cell_elements * int64_t(bytes_per_element));
+    const int64_t per_block = equal_parts(p.num_cells / unit, std::max<int64_t>(1, budget / unit_bytes)).size * unit;
     for (int64_t begin = 0; begin < p.num_cells; begin += per_block)
       out.push_back({begin, std::min(p.num_cells, begin + per_block)});
     return out;

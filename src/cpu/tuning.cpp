@@ -22,11 +22,19 @@
 //    streaming stores: it leaves the cache before anyone reads it, and the
 //    stores' reads for ownership cost. AMD: 16 MiB (42 MB: 15% faster
 //    streamed; 2.6 MB: 1.7x slower).
-//  - fused_block = 2 * T * L2 of float32 input. A group of one rank runs
-//    statistics then normalisation per block of cells of about this size,
-//    so that the second pass reads the block from its threads' caches. AMD:
-//    1M elements.
-//
+//  - fused_block = T * L2 / 2. A group of one rank runs statistics then
+//    normalisation (backward sums then dx) per block of cells whose arrays
+//    read by both passes (x; x and dy) take this many bytes, so that the
+//    second pass reads them from the threads' L2, with room for what it
+//    writes; a call whose arrays fit in T * L2 runs as one block. Set on the
+//    2-core Intel Xeon (2 MiB L2 per core), fused_block 1 to 8 MiB of
+//    float32 x, medians of 7 alternating rounds: the 2 MiB this gives for
+//    forward (1 MiB of x for backward) ran NHWC 16x56x56x64 and NCHW
+//    16x64x56x56 forward 6-11% faster than 8 MiB, backward 3-10%, the
+//    42 MB shapes 3-9% (backward) faster, and backward on the 2.6 MB shapes
+//    13-18% faster; their forward, one block under this rule, as before.
+//    AMD: 1 MiB, where it was 4 MiB of float32 x (never compared with other
+//    sizes there, and not measured there since).
 // Streaming and block sizes change how outputs are written and in which
 // blocks of whole cells the flow runs, never a value.
 #include "cpu/tuning.hpp"
@@ -180,10 +188,9 @@ cpu::Thresholds derive(int threads, int processors) {
   const int64_t l2 = caches().l2 > 0 ? caches().l2 : kFallbackL2Bytes;
   const int64_t per_thread = int64_t(std::max(threads, 1)) * l2, per_processor = int64_t(std::max(processors, 1)) * l2;
   const Override& o = override_settings();
-  const int64_t fused_bytes = o.fused_block >= 0 ? o.fused_block : 2 * per_thread;
   return {o.cache_resident >= 0 ? o.cache_resident : 2 * per_processor,
           o.streamed_output >= 0 ? o.streamed_output : 8 * per_thread,
-          std::max<int64_t>(1, fused_bytes / int64_t(sizeof(float)))};
+          o.fused_block >= 0 ? o.fused_block : std::max<int64_t>(1, per_thread / 2)};
 }
 
 std::string size_text(int64_t bytes) {
@@ -208,7 +215,7 @@ CpuTuning cpu_tuning(int threads) {
   out.threads = threads;
   out.cache_resident_bytes = t.cache_resident_bytes;
   out.streamed_output_bytes = t.streamed_output_bytes;
-  out.fused_block_bytes = t.fused_block_elements * int64_t(sizeof(float));
+  out.fused_block_bytes = t.fused_block_bytes;
   const Override& o = override_settings();
   out.source = o.text.empty() ? (caches().l2 > 0 ? "derived from the caches" : "derived from a 1 MiB L2 (none reported)")
                               : "DISTGN_CPU_TUNING=" + o.text;

@@ -75,13 +75,13 @@ constexpr int64_t kPrefetchBlocks = 4;
 //    larger than this with streaming stores (cpu/stream_rows.hpp). Measured
 //    and not streamed: the contiguous forward (NCHW 8x320x64x64 8% slower
 //    streamed) and dx in both forms (up to 1.8x slower).
-//  - fused_block_elements: with a group of one rank, cells are processed in
-//    blocks of about this many elements so that a block is still in cache
-//    when the second pass reads it.
+//  - fused_block_bytes: with a group of one rank, cells are processed in
+//    blocks whose arrays (x, and dy in backward) take about this many bytes,
+//    so that a block is still in cache when the second pass reads it.
 struct Thresholds {
   int64_t cache_resident_bytes;
   int64_t streamed_output_bytes;
-  int64_t fused_block_elements;  // fused_block_bytes of float32
+  int64_t fused_block_bytes;
 };
 
 // For the current OpenMP thread count; reads the caches once per process
