@@ -287,9 +287,7 @@ const HostCellStatistics& host_statistics(const std::shared_ptr<CellStatistics>&
   static const HostCellStatistics none;
   return cells ? cells->host() : none;
 }
-}  // namespace
 
-namespace {
 // A state's plan, or an empty one (no cells) before its first forward call.
 const KernelPlan& plan_of(const std::shared_ptr<const KernelPlan>& plan) {
   static const KernelPlan none;
