@@ -250,8 +250,17 @@ cmd_mpirun() {
   [ -n "$hosts" ] || hosts="$DGN_HOSTS"
   [ "$hosts" -le "$DGN_HOSTS" ] || die "--hosts $hosts: the cluster has $DGN_HOSTS"
   for ((i = 0; i < hosts; i++)); do list="$list${list:+,}$prefix-h$i:$ppn"; done
+  # The ranks start through the rsh agent, which does not pass this shell's
+  # environment on: export what a sanitized run (scripts/test.sh --sanitize)
+  # sets for its ranks, where it is set (LSan's suppressions, Open MPI keeping
+  # its components loaded so that their allocations have names).
+  local v forward=()
+  for v in ASAN_OPTIONS UBSAN_OPTIONS LSAN_OPTIONS OMPI_MCA_mca_base_component_disable_dlclose \
+           PMIX_MCA_mca_base_component_disable_dlclose; do
+    if [ -n "${!v:-}" ]; then forward+=(-x "$v"); fi
+  done
   exec ip netns exec "$sw" env TMPDIR="$state/tmp" mpirun --allow-run-as-root --oversubscribe --bind-to none \
-    -np $((hosts * ppn)) --host "$list" -wdir "$PWD" \
+    -np $((hosts * ppn)) --host "$list" -wdir "$PWD" "${forward[@]}" \
     --mca plm_rsh_agent "$here/netns_rsh" --mca plm_rsh_no_tree_spawn 1 \
     --mca pml ob1 --mca btl "$btl" \
     --mca btl_tcp_if_include "$DGN_SUBNET" --mca oob_tcp_if_include "$DGN_SUBNET" \

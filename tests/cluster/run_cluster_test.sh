@@ -63,21 +63,11 @@ rx_total() {
   echo "$t"
 }
 
-# The ranks start through the rsh agent, which does not pass this shell's
-# environment on: export what a sanitized run (scripts/test.sh --sanitize)
-# sets for its ranks, where it is set (LSan's suppressions, Open MPI keeping
-# its components loaded so that their allocations have names).
-forward_env=()
-for v in ASAN_OPTIONS UBSAN_OPTIONS LSAN_OPTIONS OMPI_MCA_mca_base_component_disable_dlclose \
-         PMIX_MCA_mca_base_component_disable_dlclose; do
-  [ -n "${!v:-}" ] && forward_env+=(-x "$v")
-done
-
 # on_cluster HOSTS PPN BTL TAG OPTS: apply on the emulated hosts; each rank
 # writes its hostname to TAG.host.<rank>.
 on_cluster() {
   local hosts=$1 ppn=$2 btl=$3 tag=$4; shift 4
-  timeout 40 "$cluster" mpirun --hosts "$hosts" --ppn "$ppn" --btl "$btl" -- -x OMP_NUM_THREADS=1 "${forward_env[@]}" \
+  timeout 40 "$cluster" mpirun --hosts "$hosts" --ppn "$ppn" --btl "$btl" -- -x OMP_NUM_THREADS=1 \
     sh -c 'hostname > '"$tag"'.host.$OMPI_COMM_WORLD_RANK; exec "$0" "$@"' "$distgn" apply "$@" \
     2> >(grep -v 'setpgid' >&2)
 }
