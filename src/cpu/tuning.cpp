@@ -45,7 +45,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <fstream>
-#include <mutex>
 #include <sstream>
 #include <string>
 
@@ -170,18 +169,19 @@ const Caches& caches() {
 
 // Read on the first call; a malformed variable raises on every call.
 const Override& override_settings() {
-  static std::once_flag once;
-  static Override o;
-  static std::string error;
-  std::call_once(once, [] {
+  struct Read {
+    Override settings;
+    std::string error;
+  };
+  static const Read read = [] {
     try {
-      o = read_override();
+      return Read{read_override(), {}};
     } catch (const Error& e) {
-      error = e.what();
+      return Read{{}, e.what()};
     }
-  });
-  if (!error.empty()) throw Error(error);
-  return o;
+  }();
+  if (!read.error.empty()) throw Error(read.error);
+  return read.settings;
 }
 
 cpu::Thresholds derive(int threads, int processors) {
