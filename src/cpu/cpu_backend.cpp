@@ -106,32 +106,79 @@ const staged_t<T>* staged_input(const T* src, [[maybe_unused]] int64_t n, [[mayb
   }
 }
 
-// Whether the kernels stream their output of type Y for this plan: float32
-// only (the other types are written in their own type from registers), and
-// only outputs larger than streamed_output_bytes (cpu/tuning.hpp).
+// Whether the elementwise kernels (y, dx) stream their output of type Y for
+// this plan (ChunkOutput): float32 only (the other types are written in their
+// own type from registers), and only outputs larger than
+// streamed_output_bytes (cpu/tuning.hpp).
 template <class Y>
 bool streams_output(const KernelPlan& p) {
   return std::is_same_v<Y, float> && stream_rows_in_hardware() &&
          p.num_cells * p.cell_elements * int64_t(sizeof(float)) > thresholds().streamed_output_bytes;
 }
 
-// Where the kernels write n elements bound for dst: dst itself, or
-// `buffer`, which commit_output then converts (float16) or streams (float
-// with `stream`) into dst. A chunk that streamed ends with stream_fence().
+// How a chunk writes its output of type T: at(dst, n) says where to put
+// the values bound for dst[0, n), commit(values, dst, n) ends them, and the
+// chunk's end (the destructor) completes what is pending.
+//  - float16: into the buffer, converted into dst by commit (Staged).
+//  - float, streamed (streams_output): appended to the buffer while the
+//    chunk's writes stay contiguous, then written with streaming stores in
+//    one run when they stop being so, the buffer fills or the chunk ends,
+//    and fenced (stream_fence). Each row streamed alone left the partial
+//    cache lines at both ends of every row to plain stores: NHWC
+//    16x56x56x64 normalisation, rows of 64 floats 16 bytes off a line,
+//    measured 2x slower streamed than not; a run has two such lines.
+//  - otherwise dst itself.
 template <class T>
-staged_t<T>* staged_output(T* dst, [[maybe_unused]] float* buffer, [[maybe_unused]] bool stream = false) {
-  if constexpr (!std::is_same_v<staged_t<T>, T>) return buffer;
-  else if constexpr (std::is_same_v<T, float>) return stream ? buffer : dst;
-  else return dst;
-}
-template <class T>
-void commit_output([[maybe_unused]] const staged_t<T>* staged, [[maybe_unused]] T* dst,
-                   [[maybe_unused]] int64_t n, [[maybe_unused]] bool stream = false) {
-  if constexpr (!std::is_same_v<staged_t<T>, T>) narrow_row(staged, dst, n);
-  else if constexpr (std::is_same_v<T, float>) {
-    if (stream) stream_row(staged, dst, n);
+class ChunkOutput {
+ public:
+  // buffer: `capacity` floats, at least the largest n of at() (staged or
+  // streamed outputs; unused otherwise).
+  ChunkOutput(float* buffer, int64_t capacity, bool stream)
+      : buffer_(buffer), capacity_(capacity), stream_(std::is_same_v<T, float> && stream) {}
+  ChunkOutput(const ChunkOutput&) = delete;
+  ChunkOutput& operator=(const ChunkOutput&) = delete;
+  ~ChunkOutput() {
+    if (stream_) {
+      write_run();
+      stream_fence();
+    }
   }
-}
+
+  staged_t<T>* at(T* dst, [[maybe_unused]] int64_t n) {
+    if constexpr (!std::is_same_v<staged_t<T>, T>) {
+      return buffer_;
+    } else if constexpr (std::is_same_v<T, float>) {
+      if (!stream_) return dst;
+      if (held_ > 0 && (dst != run_ + held_ || held_ + n > capacity_)) write_run();
+      if (held_ == 0) run_ = dst;
+      float* values = buffer_ + held_;
+      held_ += n;
+      return values;
+    } else {
+      return dst;
+    }
+  }
+  void commit([[maybe_unused]] const staged_t<T>* values, [[maybe_unused]] T* dst, [[maybe_unused]] int64_t n) {
+    if constexpr (!std::is_same_v<staged_t<T>, T>) narrow_row(values, dst, n);
+  }
+
+ private:
+  void write_run() {
+    if (held_ > 0) stream_row(buffer_, run_, held_);
+    held_ = 0;
+  }
+  float* buffer_;
+  int64_t capacity_, held_ = 0;
+  float* run_ = nullptr;
+  bool stream_;
+};
+
+// Whole rows of `width` the channels-last elementwise kernels (normalise,
+// dx) treat as one stretch (kRowTileElements).
+inline int64_t row_tile_rows(int64_t width) { return std::max<int64_t>(1, kRowTileElements / std::max<int64_t>(1, width)); }
+
+// Floats of buffer a ChunkOutput needs for writes of up to n elements.
+inline int64_t output_capacity(int64_t n) { return std::max(kStreamElements, n); }
 
 // How a cell range is cut into chunks.
 //  channel_rows: chunk k covers rows [r0, r1) of slab (k / per_slab); a slab
@@ -264,8 +311,8 @@ inline void for_run_blocks(int64_t n, F&& f) {
 }
 
 // Whether the call's input is read from cache (cache_resident_bytes,
-// cpu/tuning.hpp): then all four kernels work in register blocks of
-// kRowBlock rows at every width.
+// cpu/tuning.hpp): then both channels-last reductions work in register
+// blocks of kRowBlock rows at every width.
 bool cache_resident(const KernelPlan& p) {
   return p.num_cells * p.cell_elements * int64_t(dtype_size(p.input_dtype)) <= thresholds().cache_resident_bytes;
 }
@@ -680,14 +727,17 @@ class CpuBackend final : public Backend {
   }
 
   // Per-column coefficients of one slab: mean, rstd*scale, bias (and for
-  // backward rstd, scale, a, b). Each thread keeps those of its current slab.
-  template <class C>
+  // backward rstd, scale, a, b), repeated over a tile of tile_rows whole
+  // rows (row_tile_rows) so that the elementwise kernels run over a tile as
+  // one stretch; element e of a tile is column e % row_width. Each thread
+  // keeps those of its current slab.
   // With cell_terms, dx = mul * dy + (x - mean) * centered_coef + offset:
   // semantics §9's rstd * (g - a - xhat * b) with the per-cell factors folded,
   // still centring x first (expanding x * r^2 b - mean * r^2 b cancels
   // badly when rstd is large).
+  template <class C>
   struct RowCoefficients {
-    int64_t slab = -1;
+    int64_t slab = -1, tile_rows = 1;
     std::vector<C> mean, rstd, mul, bias, scale, centered_coef, offset;
   };
 
@@ -695,8 +745,10 @@ class CpuBackend final : public Backend {
   void fill_row_coefficients(const KernelPlan& p, const Coefficients& coef, const double* cell_terms,
                              int64_t slab, RowCoefficients<C>& rc) {
     const int64_t width = p.row_width;
+    rc.tile_rows = row_tile_rows(width);
+    const int64_t tile = rc.tile_rows * width;
     for (auto* v : {&rc.mean, &rc.rstd, &rc.mul, &rc.bias, &rc.scale, &rc.centered_coef, &rc.offset})
-      v->resize(size_t(width));
+      v->resize(size_t(tile));
     for (int64_t j = 0; j < width; ++j) {
       const int64_t cell = slab * p.cells_per_row + j / p.group_size, c = j % p.channels;
       const C r = C(coef.rstd[cell]);
@@ -712,6 +764,8 @@ class CpuBackend final : public Backend {
         rc.offset[j] = -r * a;
       }
     }
+    for (auto* v : {&rc.mean, &rc.rstd, &rc.mul, &rc.bias, &rc.scale, &rc.centered_coef, &rc.offset})
+      for (int64_t e = width; e < tile; ++e) (*v)[size_t(e)] = (*v)[size_t(e - width)];
     rc.slab = slab;
   }
 
@@ -741,37 +795,21 @@ class CpuBackend final : public Backend {
     const KernelPlan& p = *in.plan;
     const int64_t width = p.row_width;
     const T* x = static_cast<const T*>(in.x);
-    const bool stream = streams_output<Y>(p), resident = cache_resident(p);
+    const bool stream = streams_output<Y>(p);
     for_each_row_chunk<C>(p, cells, coef, nullptr, chunking(p, cells),
                           [&](int64_t, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
       const C *mean = rc.mean.data(), *mul = rc.mul.data(), *bias = rc.bias.data();
-      if (resident) {
-        float* stage = thread_stage(size_t(2 * kRowBlock * width));
-        for_row_blocks(r1 - r0, [&](int64_t r, auto block_rows) {
-          const int64_t at = (slab * p.rows + r0 + r) * width, n = block_rows * width;
-          const auto* xb = staged_input(x + at, n, stage);
-          auto* yb = staged_output(y + at, stage + kRowBlock * width);
+      const int64_t tile = rc.tile_rows * width, end = (slab * p.rows + r1) * width;
+      float* stage = thread_stage(size_t(tile + output_capacity(tile)));
+      ChunkOutput<Y> out(stage + tile, output_capacity(tile), stream);
+      for (int64_t at = (slab * p.rows + r0) * width; at < end; at += tile) {
+        const int64_t n = std::min(tile, end - at);
+        const auto* xt = staged_input(x + at, n, stage);
+        auto* yt = out.at(y + at, n);
 #pragma omp simd
-          for (int64_t j = 0; j < width; ++j) {
-            const C m = mean[j], u = mul[j], b = bias[j];
-            for (int64_t i = 0; i < block_rows; ++i)
-              yb[i * width + j] = narrow<staged_t<Y>>((C(widen(xb[i * width + j])) - m) * u + b);
-          }
-          commit_output(yb, y + at, n);
-        });
-        return;
+        for (int64_t e = 0; e < n; ++e) yt[e] = narrow<staged_t<Y>>((C(widen(xt[e])) - mean[e]) * mul[e] + bias[e]);
+        out.commit(yt, y + at, n);
       }
-      float* stage = thread_stage(size_t(2 * width));
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t at = (slab * p.rows + r) * width;
-        const auto* xr = staged_input(x + at, width, stage);
-        auto* yr = staged_output(y + at, stage + width, stream);
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j)
-          yr[j] = narrow<staged_t<Y>>((C(widen(xr[j])) - mean[j]) * mul[j] + bias[j]);
-        commit_output(yr, y + at, width, stream);
-      }
-      if (stream) stream_fence();
     });
   }
 
@@ -831,58 +869,33 @@ class CpuBackend final : public Backend {
     const KernelPlan& p = *in.plan;
     const int64_t width = p.row_width;
     const T* x = static_cast<const T*>(in.x);
-    const bool resident = cache_resident(p);
+    const bool stream = streams_output<T>(p);
+    using Out = staged_t<T>;
     for_each_row_chunk<C>(p, cells, coef, cell_terms, chunking(p, cells),
                           [&](int64_t, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
       const C *mean = rc.mean.data(), *mul = rc.mul.data();
       const C *centered_coef = rc.centered_coef.data(), *offset = rc.offset.data();
-      if (resident && !in.mask) {
-        using Out = staged_t<T>;
-        const int64_t block = kRowBlock * width;
-        float* stage = thread_stage(size_t(3 * block));
-        for_row_blocks(r1 - r0, [&](int64_t r, auto block_rows) {
-          const int64_t at = (slab * p.rows + r0 + r) * width, n = block_rows * width;
-          const auto* xb = staged_input(x + at, n, stage);
-          const auto* dyb = staged_input(dy + at, n, stage + block);
-          auto* dxb = staged_output(dx + at, stage + 2 * block);
+      const int64_t tile = rc.tile_rows * width, end = (slab * p.rows + r1) * width;
+      float* stage = thread_stage(size_t(2 * tile + output_capacity(tile)));
+      ChunkOutput<T> out(stage + 2 * tile, output_capacity(tile), stream);
+      for (int64_t at = (slab * p.rows + r0) * width; at < end; at += tile) {
+        const int64_t n = std::min(tile, end - at);
+        const auto* xt = staged_input(x + at, n, stage);
+        const auto* dyt = staged_input(dy + at, n, stage + tile);
+        auto* dxt = out.at(dx + at, n);
+        if (in.mask) {
+          const uint8_t* m = in.mask + at;
 #pragma omp simd
-          for (int64_t j = 0; j < width; ++j) {
-            const C m = mean[j], u = mul[j], cc = centered_coef[j], off = offset[j];
-            for (int64_t i = 0; i < block_rows; ++i)
-              dxb[i * width + j] =
-                  narrow<Out>(C(widen(dyb[i * width + j])) * u + ((C(widen(xb[i * width + j])) - m) * cc + off));
+          for (int64_t e = 0; e < n; ++e) {
+            const C stat_term = m[e] ? (C(widen(xt[e])) - mean[e]) * centered_coef[e] + offset[e] : C(0);
+            dxt[e] = narrow<Out>(C(widen(dyt[e])) * mul[e] + stat_term);
           }
-          commit_output(dxb, dx + at, n);
-        });
-        return;
-      }
-      const int64_t stage_rows = stage_rows_of<T, D>(width), block = stage_rows * width;
-      float* stage = thread_stage(size_t(3 * block));
-      for (int64_t rb = r0; rb < r1; rb += stage_rows) {
-        const int64_t block_at = (slab * p.rows + rb) * width, n = std::min(stage_rows, r1 - rb) * width;
-        const auto* xb = staged_input(x + block_at, n, stage);
-        const auto* dyb = staged_input(dy + block_at, n, stage + block);
-        auto* dxb = staged_output(dx + block_at, stage + 2 * block);
-        using Out = staged_t<T>;
-        for (int64_t row = 0; row < n; row += width) {
-          const auto* xr = xb + row;
-          const auto* dyr = dyb + row;
-          auto* dxr = dxb + row;
-          if (in.mask) {
-            const uint8_t* m = in.mask + block_at + row;
+        } else {
 #pragma omp simd
-            for (int64_t j = 0; j < width; ++j) {
-              const C stat_term = m[j] ? (C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j] : C(0);
-              dxr[j] = narrow<Out>(C(widen(dyr[j])) * mul[j] + stat_term);
-            }
-          } else {
-#pragma omp simd
-            for (int64_t j = 0; j < width; ++j)
-              dxr[j] = narrow<Out>(C(widen(dyr[j])) * mul[j] +
-                                   ((C(widen(xr[j])) - mean[j]) * centered_coef[j] + offset[j]));
-          }
+          for (int64_t e = 0; e < n; ++e)
+            dxt[e] = narrow<Out>(C(widen(dyt[e])) * mul[e] + ((C(widen(xt[e])) - mean[e]) * centered_coef[e] + offset[e]));
         }
-        commit_output(dxb, dx + block_at, n);
+        out.commit(dxt, dx + at, n);
       }
     });
   }
@@ -958,6 +971,7 @@ class CpuBackend final : public Backend {
     const int64_t length = p.cell_elements;
     const Chunking ch = chunking(p, cells);
     const T* x = static_cast<const T*>(in.x);
+    const bool stream = streams_output<Y>(p);
     reserve_threads();
 #pragma omp parallel for schedule(static)
     for (int64_t k = 0; k < ch.count; ++k) {
@@ -965,16 +979,17 @@ class CpuBackend final : public Backend {
       const int64_t e0 = (k % ch.per_group) * ch.step, e1 = std::min(length, e0 + ch.step);
       const int64_t base = cell * length;
       const C mean = C(coef.mean[cell]), r = C(coef.rstd[cell]);
-      float* stage = thread_stage(size_t(2 * kRunBlock));
+      float* stage = thread_stage(size_t(kRunBlock + output_capacity(kRunBlock)));
+      ChunkOutput<Y> out(stage + kRunBlock, output_capacity(kRunBlock), stream);
       for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
         const C mul = coef.scale ? r * C(coef.scale[c]) : r;
         const C bias = coef.bias ? C(coef.bias[c]) : C(0);
         for_run_blocks(last - first, [&](int64_t b0, int64_t b1) {
           const auto* xs = staged_input(x + base + first + b0, b1 - b0, stage);
-          auto* ys = staged_output(y + base + first + b0, stage + kRunBlock);
+          auto* ys = out.at(y + base + first + b0, b1 - b0);
 #pragma omp simd
           for (int64_t e = 0; e < b1 - b0; ++e) ys[e] = narrow<staged_t<Y>>((C(widen(xs[e])) - mean) * mul + bias);
-          commit_output(ys, y + base + first + b0, b1 - b0);
+          out.commit(ys, y + base + first + b0, b1 - b0);
         });
       });
     }
@@ -1039,6 +1054,7 @@ class CpuBackend final : public Backend {
     const int64_t length = p.cell_elements;
     const Chunking ch = chunking(p, cells);
     const T* x = static_cast<const T*>(in.x);
+    const bool stream = streams_output<T>(p);
     reserve_threads();
 #pragma omp parallel for schedule(static)
     for (int64_t k = 0; k < ch.count; ++k) {
@@ -1047,7 +1063,8 @@ class CpuBackend final : public Backend {
       const int64_t base = cell * length;
       const C mean = C(coef.mean[cell]), r = C(coef.rstd[cell]);
       const C a = C(cell_terms[2 * cell]), b = C(cell_terms[2 * cell + 1]);
-      float* stage = thread_stage(size_t(3 * kRunBlock));
+      float* stage = thread_stage(size_t(2 * kRunBlock + output_capacity(kRunBlock)));
+      ChunkOutput<T> out(stage + 2 * kRunBlock, output_capacity(kRunBlock), stream);
       using Out = staged_t<T>;
       for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
         const C scale = coef.scale ? C(coef.scale[c]) : C(1);
@@ -1055,7 +1072,7 @@ class CpuBackend final : public Backend {
           const int64_t at = base + first + b0, n = b1 - b0;
           const auto* xs = staged_input(x + at, n, stage);
           const auto* dys = staged_input(dy + at, n, stage + kRunBlock);
-          auto* dxs = staged_output(dx + at, stage + 2 * kRunBlock);
+          auto* dxs = out.at(dx + at, n);
           if (in.mask) {
             const uint8_t* m = in.mask + at;
 #pragma omp simd
@@ -1072,7 +1089,7 @@ class CpuBackend final : public Backend {
               dxs[e] = narrow<Out>(r * (g - (a + xhat * b)));
             }
           }
-          commit_output(dxs, dx + at, n);
+          out.commit(dxs, dx + at, n);
         });
       });
     }

@@ -13,15 +13,22 @@
 //    depend on the thread count. A call whose input fits is read from cache
 //    by the next pass (a benchmark's copy, forward and backward on the same
 //    buffers; a trainer's forward then backward) when the input and one
-//    array as large fit in the L2s; there the four channels-last kernels run
-//    in register blocks of rows at every width, which from DRAM measured
-//    slower. AMD: 4 MiB (NHWC 2x16x16x1280, 2.6 MB: register blocks faster;
-//    16x56x56x64, 12.8 MB, and 8x64x64x320, 42 MB: slower).
-//  - streamed_output = 8 * T * L2, T the OpenMP threads of the call. A
-//    float32 channels-last forward whose output is larger writes it with
-//    streaming stores: it leaves the cache before anyone reads it, and the
-//    stores' reads for ownership cost. AMD: 16 MiB (42 MB: 15% faster
-//    streamed; 2.6 MB: 1.7x slower).
+//    array as large fit in the L2s; there the two channels-last reductions
+//    (statistics, backward sums) run in register blocks of rows at every
+//    width, which from DRAM measured slower. AMD: 4 MiB (NHWC 2x16x16x1280,
+//    2.6 MB: register blocks faster; 16x56x56x64, 12.8 MB, and 8x64x64x320,
+//    42 MB: slower; measured when the elementwise kernels used them too).
+//  - streamed_output = 2 * T * L2, T the OpenMP threads of the call. A
+//    float32 output (y, dx) larger than the threads' L2s hold beside the
+//    input is written with streaming stores: it leaves the cache before
+//    anyone reads it, and plain stores first read each line they write
+//    (read for ownership), a third stream beside x and the output. Intel
+//    Xeon (2 MiB L2 per core, 2 threads: 8 MiB), medians of 7 alternating
+//    rounds against 32 MiB: NCHW 16x64x56x56 (12.8 MB) forward 0.79x and
+//    backward 0.85x the time. The AMD figure of the old rule, 8 * T * L2,
+//    (2.6 MB 1.7x slower streamed) was taken while every row was streamed
+//    alone, which left both partial cache lines of each misaligned row to
+//    plain stores (ChunkOutput in cpu_backend.cpp now streams whole runs).
 //  - fused_block = T * L2 / 2. A group of one rank runs statistics then
 //    normalisation (backward sums then dx) per block of cells whose arrays
 //    read by both passes (x; x and dy) take this many bytes, so that the
@@ -189,7 +196,7 @@ cpu::Thresholds derive(int threads, int processors) {
   const int64_t per_thread = int64_t(std::max(threads, 1)) * l2, per_processor = int64_t(std::max(processors, 1)) * l2;
   const Override& o = override_settings();
   return {o.cache_resident >= 0 ? o.cache_resident : 2 * per_processor,
-          o.streamed_output >= 0 ? o.streamed_output : 8 * per_thread,
+          o.streamed_output >= 0 ? o.streamed_output : 2 * per_thread,
           o.fused_block >= 0 ? o.fused_block : std::max<int64_t>(1, per_thread / 2)};
 }
 

@@ -25,6 +25,14 @@ constexpr int64_t kChunkElements = 65536;
 // backward sums, then dx, per block of cells) is derived from the machine's
 // caches with the other size thresholds: Thresholds below.
 
+// Elements (whole rows) the channels-last elementwise kernels (normalise,
+// dx) run over as one stretch, their per-column coefficients repeated over
+// the tile's rows: a row of 64 floats alone is four vectors, and its loop's
+// set-up and tail measured as much as the arithmetic (NHWC 16x56x56x64). Row
+// by row and register blocks of kRowBlock rows, which this replaces, measured
+// slower on the Intel Xeon of docs/performance.md: see there.
+constexpr int64_t kRowTileElements = 1024;
+
 // ---- reductions: partial sums in the block type -------------------------------------
 // Partial sums run in the block type over a few rows (or a few vectors of a
 // run) and are added to double accumulators once per block: float for data
@@ -35,7 +43,8 @@ constexpr int64_t kChunkElements = 65536;
 // the block type.
 
 // Rows summed in registers (narrow rows, cache-resident calls): the block's
-// row loop unrolls, and the per-column coefficients load once per block.
+// row loop unrolls, and the per-column shifts or coefficients load once per
+// block.
 // Where the blocks pay and where they cost: cache_resident_bytes, kNarrowRow.
 constexpr int64_t kRowBlock = 8;
 
@@ -63,18 +72,16 @@ constexpr int64_t kPrefetchBlocks = 4;
 // Derived from the threads' L2 at run time (src/cpu/tuning.cpp gives each
 // derivation and the AMD figures it reproduces), or DISTGN_CPU_TUNING:
 //  - cache_resident_bytes: a call whose input is at most this large is read
-//    from cache, and all four channel_rows kernels work in register blocks
-//    of kRowBlock rows at every width, coefficients loaded once per block.
-//    From DRAM the same blocks measured slower (8x64x64x320 statistics 1.55
-//    -> 2.0 ms, 16x56x56x64 normalisation 0.53 -> 0.73 ms, its backward
-//    1.25 -> 1.8 ms; the backward sums' register blocks, with two input
-//    streams, even on narrow rows: 16x56x56x64 backward 1.25 -> 1.42 ms),
-//    so larger calls go row by row (the statistics of narrow rows excepted,
+//    from cache, and both channel_rows reductions (statistics, backward
+//    sums) work in register blocks of kRowBlock rows at every width. From
+//    DRAM the same blocks measured slower (8x64x64x320 statistics 1.55 ->
+//    2.0 ms; the backward sums' register blocks, with two input streams,
+//    even on narrow rows: 16x56x56x64 backward 1.25 -> 1.42 ms), so larger
+//    calls go row by row (the statistics of narrow rows excepted,
 //    kNarrowRow).
-//  - streamed_output_bytes: the channel_rows forward writes float32 outputs
-//    larger than this with streaming stores (cpu/stream_rows.hpp). Measured
-//    and not streamed: the contiguous forward (NCHW 8x320x64x64 8% slower
-//    streamed) and dx in both forms (up to 1.8x slower).
+//  - streamed_output_bytes: the elementwise kernels write float32 outputs
+//    (y, dx) larger than this with streaming stores (ChunkOutput in
+//    cpu_backend.cpp, cpu/stream_rows.hpp).
 //  - fused_block_bytes: with a group of one rank, cells are processed in
 //    blocks whose arrays (x, and dy in backward) take about this many bytes,
 //    so that a block is still in cache when the second pass reads it.
@@ -95,6 +102,13 @@ Thresholds thresholds();
 // 64-wide row measured its own overhead), wide rows one at a time (so the
 // staged rows stay in L1).
 constexpr int64_t kStageElements = 512;
+
+// Floats of streamed output a thread collects into one run before writing it
+// with streaming stores (ChunkOutput in cpu_backend.cpp): 16 KiB, so that
+// the partial cache lines at a run's two ends, written with plain stores,
+// are one line in 128, while the buffer stays in L1 beside the rows being
+// read. No figure recorded for other sizes.
+constexpr int64_t kStreamElements = 4096;
 
 // ---- scratch ------------------------------------------------------------------------------
 

@@ -1213,7 +1213,7 @@ TEST_CASE("cli bench: the table and the --json lines", "[cli][bench]") {
     const int64_t l2 = cpu["l2_bytes"].get<int64_t>() > 0 ? cpu["l2_bytes"].get<int64_t>() : 1 << 20;
     CHECK(cpu["processors"].get<int64_t>() >= 1);
     CHECK(cpu["cache_resident_bytes"] == 2 * cpu["processors"].get<int64_t>() * l2);
-    CHECK(cpu["streamed_output_bytes"] == 8 * j["threads"].get<int64_t>() * l2);
+    CHECK(cpu["streamed_output_bytes"] == 2 * j["threads"].get<int64_t>() * l2);
     CHECK(cpu["fused_block_bytes"] == j["threads"].get<int64_t>() * l2 / 2);
     CHECK(cpu["tuning"].get<std::string>().rfind("derived from ", 0) == 0);
   }

@@ -1,9 +1,10 @@
 // Streaming stores (cpu/stream_rows.hpp): the row copy itself at every
-// alignment, and a channels-last forward large enough to be streamed (over
-// the machine's streamed_output size of float32 output) against the same
-// samples run one at a time, which stay under that size: the stores differ,
-// the values must not.
+// alignment, and a forward and backward large enough to be streamed (over
+// the machine's streamed_output size of float32 output, in both layouts)
+// against the same samples run one at a time, which stay under that size:
+// the stores differ, the values must not.
 #include <catch2/catch.hpp>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -40,38 +41,60 @@ TEST_CASE("stream rows: stream_row copies exactly at every alignment and length"
     }
 }
 
-TEST_CASE("stream rows: a streamed forward equals the same samples run one at a time",
+TEST_CASE("stream rows: a streamed forward and backward equal the same samples run one at a time",
           "[cpu][stream]") {
   // Sized by this machine's tuning (distgn/cpu_tuning.hpp): a sample just
   // over the cache-resident size is written with plain stores, a batch of
   // them over the streaming size with streaming stores. Neither counts as
-  // cache-resident, so they sum the same way.
-  const distgn::CpuTuning tuning = distgn::cpu_tuning();
+  // cache-resident, so they sum the same way. Streaming scales with the
+  // threads and cache residency with the processors (results must not
+  // depend on the threads), so twice as many threads as processors open a
+  // gap between the two sizes on any machine.
+  const int threads_before = omp_get_max_threads(), threads = 2 * omp_get_num_procs();
+  omp_set_num_threads(threads);
+  struct Restore {
+    int threads;
+    ~Restore() { omp_set_num_threads(threads); }
+  } restore{threads_before};
+  const distgn::CpuTuning tuning = distgn::cpu_tuning(threads);
   INFO(distgn::describe(tuning));
   const int64_t W = 64, C = 320, row_bytes = W * C * int64_t(sizeof(float));
   const int64_t H = tuning.cache_resident_bytes / row_bytes + 1, per_sample = H * W * C;
   const int64_t N = tuning.streamed_output_bytes / (per_sample * int64_t(sizeof(float))) + 1;
   REQUIRE(per_sample * int64_t(sizeof(float)) <= tuning.streamed_output_bytes);  // one sample: plain stores
-  const Shape shape = {N, H, W, C}, one = {1, H, W, C};
-  std::vector<float> x(static_cast<size_t>(N * per_sample)), y(x.size()), y_sample(static_cast<size_t>(per_sample));
+  // Both walking orders: rows of channels (channels last) and contiguous
+  // cells (channels first).
+  const Layout layout = GENERATE(Layout::channels_last, Layout::channels_first);
+  INFO((layout == Layout::channels_last ? "channels last" : "channels first"));
+  const bool last = layout == Layout::channels_last;
+  const Shape shape = last ? Shape{N, H, W, C} : Shape{N, C, H, W}, one = last ? Shape{1, H, W, C} : Shape{1, C, H, W};
+  std::vector<float> x(static_cast<size_t>(N * per_sample)), dy(x.size()), y(x.size()), dx(x.size());
+  std::vector<float> y_sample(static_cast<size_t>(per_sample)), dx_sample(y_sample.size());
   std::mt19937 rng(11);
   std::normal_distribution<float> normal(3.0f, 2.0f);
   for (float& v : x) v = normal(rng);
+  for (float& v : dy) v = normal(rng);
 
   GroupNorm layer{GroupNormConfig{}};  // G = 32, scale 1, bias 0
-  layer.forward(TensorView{x.data(), shape, DType::f32, Layout::channels_last},
-                TensorView{y.data(), shape, DType::f32, Layout::channels_last});
+  distgn::ForwardState state, state_sample;
+  layer.forward(TensorView{x.data(), shape, DType::f32, layout}, TensorView{y.data(), shape, DType::f32, layout},
+                nullptr, &state);
+  layer.backward(TensorView{x.data(), shape, DType::f32, layout}, TensorView{dy.data(), shape, DType::f32, layout},
+                 nullptr, state, TensorView{dx.data(), shape, DType::f32, layout});
   for (int64_t n = 0; n < N; ++n) {
-    layer.forward(TensorView{x.data() + n * per_sample, one, DType::f32, Layout::channels_last},
-                  TensorView{y_sample.data(), one, DType::f32, Layout::channels_last});
+    const TensorView x_n{x.data() + n * per_sample, one, DType::f32, layout};
+    layer.forward(x_n, TensorView{y_sample.data(), one, DType::f32, layout}, nullptr, &state_sample);
+    layer.backward(x_n, TensorView{dy.data() + n * per_sample, one, DType::f32, layout}, nullptr, state_sample,
+                   TensorView{dx_sample.data(), one, DType::f32, layout});
     INFO("sample " << n);
     CHECK(std::memcmp(y.data() + n * per_sample, y_sample.data(), y_sample.size() * sizeof(float)) == 0);
+    CHECK(std::memcmp(dx.data() + n * per_sample, dx_sample.data(), dx_sample.size() * sizeof(float)) == 0);
 
     // And both against the float64 reference (SPEC 8: 1e-4 on unit-scale
     // outputs), group by group: one sample's cells are its G groups.
     const std::vector<double> xs(x.begin() + n * per_sample, x.begin() + (n + 1) * per_sample);
     const distgn_test::Reference ref =
-        distgn_test::reference_forward(layer.config(), one, Layout::channels_last, DType::f32, xs, {}, {}, {});
+        distgn_test::reference_forward(layer.config(), one, layout, DType::f32, xs, {}, {}, {});
     std::vector<double> worst(size_t(ref.cells.num_cells), 0.0);
     for (size_t e = 0; e < xs.size(); ++e) {
       double& w = worst[size_t(ref.cells.cell[e])];
