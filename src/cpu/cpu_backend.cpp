@@ -87,14 +87,6 @@ struct Staged<half_t> {
 template <class T>
 using staged_t = typename Staged<T>::type;
 
-// Rows staged per conversion when T or D is staged: kStageElements' worth
-// of rows, at least one. 1 when nothing is staged.
-template <class T, class D = T>
-inline int64_t stage_rows_of([[maybe_unused]] int64_t width) {
-  if constexpr (std::is_same_v<staged_t<T>, T> && std::is_same_v<staged_t<D>, D>) return 1;
-  else return std::max<int64_t>(1, kStageElements / std::max<int64_t>(width, 1));
-}
-
 // n elements at src as the kernels read them: src itself, or (float16)
 // converted into `buffer`.
 template <class T>
@@ -190,18 +182,27 @@ struct Chunking {
   int64_t step = 0;       // rows or elements per chunk
 };
 
+// n items in parts of at most max_part, their count rounded up to a
+// multiple of kChunkMultiple (at most n parts).
+EqualParts chunk_parts(int64_t n, int64_t max_part) {
+  const EqualParts parts = equal_parts(n, max_part);
+  if (parts.count <= 1) return parts;
+  const int64_t count = std::min(n, (parts.count + kChunkMultiple - 1) / kChunkMultiple * kChunkMultiple);
+  return equal_parts(n, (n + count - 1) / count);
+}
+
 Chunking chunking(const KernelPlan& plan, CellRange cells) {
   Chunking c;
   if (plan.form == KernelPlan::Form::channel_rows) {
     const int64_t slabs = cells.size() / plan.cells_per_row;
     const EqualParts parts =
-        equal_parts(plan.rows, std::max<int64_t>(1, kChunkElements / std::max<int64_t>(plan.row_width, 1)));
+        chunk_parts(plan.rows, std::max<int64_t>(1, kChunkElements / std::max<int64_t>(plan.row_width, 1)));
     c.per_group = parts.count;
     c.step = parts.size;
     c.count = slabs * c.per_group;
   } else {
     // At least one chunk per cell, so that an empty cell still gets its (empty) moments.
-    const EqualParts parts = equal_parts(plan.cell_elements, kChunkElements);
+    const EqualParts parts = chunk_parts(plan.cell_elements, kChunkElements);
     c.per_group = std::max<int64_t>(1, parts.count);
     c.step = parts.size;
     c.count = cells.size() * c.per_group;
@@ -385,14 +386,15 @@ void accumulate_shifted_columns(const T* x, int64_t rows, int64_t width, const d
 
 // sum_dy[j] += sum over rows of dy, sum_dy_xhat[j] += sum of dy * xhat with
 // xhat = (x - mean[j]) * rstd[j], all in the compute type C: in register
-// blocks of kRowBlock rows (cache-resident calls), otherwise row by row into
-// per-column block sums whatever the width (cache_resident_bytes). block: 2 *
-// width of scratch in C, stage: 2 * max(kRowBlock, stage_rows_of(width)) *
-// width floats.
+// blocks of kRowBlock rows (cache-resident calls), otherwise over tiles of
+// tile_rows whole rows (row_tile_rows; mean and rstd repeated over a tile)
+// into per-element block sums, folded into the columns' double sums every
+// kFlushRows tiles. block: 2 * tile of scratch in C, stage: 2 * max(kRowBlock
+// * width, tile) floats.
 template <class T, class D, class C>
-void accumulate_backward_columns(const T* x, const D* dy, int64_t rows, int64_t width, const C* mean,
-                                 const C* rstd, C* block, float* stage, double* sum_dy, double* sum_dy_xhat,
-                                 bool register_blocks) {
+void accumulate_backward_columns(const T* x, const D* dy, int64_t rows, int64_t width, int64_t tile_rows,
+                                 const C* mean, const C* rstd, C* block, float* stage, double* sum_dy,
+                                 double* sum_dy_xhat, bool register_blocks) {
   if (register_blocks) {
     float* dy_stage = stage + kRowBlock * width;
     for_row_blocks(rows, [&](int64_t r, auto block_rows) {
@@ -414,33 +416,30 @@ void accumulate_backward_columns(const T* x, const D* dy, int64_t rows, int64_t 
     });
     return;
   }
-  const int64_t stage_rows = stage_rows_of<T, D>(width);
-  float* dy_stage = stage + stage_rows * width;
-  C *g_sum = block, *p_sum = block + width;
-  std::fill(block, block + 2 * width, C(0));
-  const staged_t<T>* xr = nullptr;
-  const staged_t<D>* dyr = nullptr;
-  for (int64_t r0 = 0; r0 < rows; r0 += kFlushRows) {
-    for (int64_t r = r0; r < std::min(rows, r0 + kFlushRows); ++r, xr += width, dyr += width) {
-      if ((r - r0) % stage_rows == 0) {
-        const int64_t n = std::min({stage_rows, rows - r, r0 + kFlushRows - r}) * width;
-        xr = staged_input(x + r * width, n, stage);
-        dyr = staged_input(dy + r * width, n, dy_stage);
-      }
+  const int64_t tile = tile_rows * width, end = rows * width;
+  C *g_sum = block, *p_sum = block + tile;
+  std::fill(block, block + 2 * tile, C(0));
+  int64_t tiles = 0;
+  for (int64_t at = 0; at < end; at += tile) {
+    const int64_t n = std::min(tile, end - at);
+    const auto* xt = staged_input(x + at, n, stage);
+    const auto* dyt = staged_input(dy + at, n, stage + tile);
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) {
+      const C xhat = (C(widen(xt[e])) - mean[e]) * rstd[e];
+      const C g = C(widen(dyt[e]));
+      g_sum[e] += g;
+      p_sum[e] += g * xhat;
+    }
+    if (++tiles % kFlushRows != 0 && at + tile < end) continue;
+    for (int64_t r = 0; r < tile_rows; ++r) {
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
-        const C xhat = (C(widen(xr[j])) - mean[j]) * rstd[j];
-        const C g = C(widen(dyr[j]));
-        g_sum[j] += g;
-        p_sum[j] += g * xhat;
+        sum_dy[j] += double(g_sum[r * width + j]);
+        sum_dy_xhat[j] += double(p_sum[r * width + j]);
       }
     }
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) {
-      sum_dy[j] += double(g_sum[j]);
-      sum_dy_xhat[j] += double(p_sum[j]);
-      g_sum[j] = p_sum[j] = 0;
-    }
+    std::fill(block, block + 2 * tile, C(0));
   }
 }
 
@@ -831,10 +830,11 @@ class CpuBackend final : public Backend {
       double *sum_dy = scratch, *sum_dy_xhat = scratch + width;
       std::fill(scratch, scratch + 2 * width, 0.0);
       const int64_t at = (slab * p.rows + r0) * width;
-      accumulate_backward_columns(x + at, dy + at, r1 - r0, width, rc.mean.data(), rc.rstd.data(),
-                                  thread_block_sums<C>(size_t(2 * width)),
-                                  thread_stage(size_t(2 * std::max(kRowBlock, stage_rows_of<T, D>(width)) * width)),
-                                  sum_dy, sum_dy_xhat, register_blocks);
+      const int64_t tile = rc.tile_rows * width;
+      accumulate_backward_columns(x + at, dy + at, r1 - r0, width, rc.tile_rows, rc.mean.data(), rc.rstd.data(),
+                                  thread_block_sums<C>(size_t(2 * tile)),
+                                  thread_stage(size_t(2 * std::max(kRowBlock * width, tile))), sum_dy,
+                                  sum_dy_xhat, register_blocks);
       double* out = chunk_sums + k * stride;
       std::fill(out, out + stride, 0.0);
       double* channel_dy = out + 2 * per_row;

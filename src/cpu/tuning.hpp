@@ -21,6 +21,13 @@ namespace distgn::cpu {
 // per-column sums) is noise. No figure recorded.
 constexpr int64_t kChunkElements = 65536;
 
+// A slab (channels last) or cell cut into more than one chunk is cut into a
+// multiple of this many, so that a parallel loop over whole slabs or cells
+// gives 1, 2, 4 or 8 threads equal work: NHWC 8x64x64x320 cut its slabs of
+// 4096 rows into 21 chunks, and with one slab per fused block 2 threads got
+// 11 and 10 (10% idle on one).
+constexpr int64_t kChunkMultiple = 8;
+
 // The block size of a group of one rank (statistics, then normalisation;
 // backward sums, then dx, per block of cells) is derived from the machine's
 // caches with the other size thresholds: Thresholds below.
@@ -95,13 +102,13 @@ struct Thresholds {
 // and allocates nothing.
 Thresholds thresholds();
 
-// ---- float16 staging -----------------------------------------------------------------
+// ---- float16 staging ----------------------------------------------------------------
 
-// Elements staged per conversion when a kernel stages float16 rows through
-// float scratch (see Staged): a few narrow rows together (one call per
-// 64-wide row measured its own overhead), wide rows one at a time (so the
-// staged rows stay in L1).
-constexpr int64_t kStageElements = 512;
+// float16 data is staged through float scratch (Staged in cpu_backend.cpp)
+// a tile at a time (kRowTileElements; a run block, kRunBlock, for
+// contiguous cells), so that the staged values stay in L1.
+
+// ---- output ----------------------------------------------------------------------------
 
 // Floats of streamed output a thread collects into one run before writing it
 // with streaming stores (ChunkOutput in cpu_backend.cpp): 16 KiB, so that
