@@ -25,7 +25,7 @@ struct CpuTuning {
   int processors = 1;  // the processors this process may run on (its affinity mask)
   int threads = 1;
   int64_t cache_resident_bytes = 0;   // inputs up to this size: register-block kernels
-  int64_t streamed_output_bytes = 0;  // float32 channels-last outputs larger: streaming stores
+  int64_t streamed_output_bytes = 0;  // float32 outputs (y, dx) larger: streaming stores
   int64_t fused_block_bytes = 0;      // one-rank calls run in blocks of cells whose x (and
                                       // dy in backward) take about this many bytes
   std::string source;  // "derived from the caches" or "DISTGN_CPU_TUNING=..."
@@ -35,8 +35,8 @@ struct CpuTuning {
 // Throws distgn::Error if DISTGN_CPU_TUNING is malformed.
 CpuTuning cpu_tuning(int threads = 0);
 
-// "Intel(R) Xeon(R) Processor, L1d 48 KiB, L2 2 MiB per core, L3 480 MiB; 2 processor(s),
-// 2 thread(s): cache-resident <= 8 MiB, streamed > 32 MiB, fused blocks 2 MiB (derived from
+// "Intel(R) Xeon(R) Processor, L1d 48 KiB, L2 2 MiB per core, L3 260 MiB; 2 processor(s),
+// 2 thread(s): cache-resident <= 8 MiB, streamed > 8 MiB, fused blocks 2 MiB (derived from
 // the caches)"
 std::string describe(const CpuTuning& tuning);
 
