@@ -1,7 +1,7 @@
-// The CPU backend picks its channels-last kernels by the size of a call:
+// The CPU backend picks its channels-last reductions by the size of a call:
 // register blocks of rows when the input is cache-resident (at most
-// cache_resident_bytes, derived from the machine's L2: cpu/tuning.cpp), row
-// by row above that. A batch too
+// cache_resident_bytes, derived from the machine's L2: cpu/tuning.cpp), rows
+// or tiles of rows above that. A batch too
 // large to be resident must give what its samples give one at a time, each
 // small enough to be resident, up to the rounding of differently grouped
 // sums: forward, dx and the parameter gradients.
