@@ -763,8 +763,12 @@ class CpuBackend final : public Backend {
         rc.offset[j] = -r * a;
       }
     }
-    for (auto* v : {&rc.mean, &rc.rstd, &rc.mul, &rc.bias, &rc.scale, &rc.centered_coef, &rc.offset})
-      for (int64_t e = width; e < tile; ++e) (*v)[size_t(e)] = (*v)[size_t(e - width)];
+    // A slab's first row, copied over the tile's other rows (a fused block
+    // of one slab refills this per block).
+    for (auto* v : {&rc.mean, &rc.rstd, &rc.mul, &rc.bias, &rc.scale, &rc.centered_coef, &rc.offset}) {
+      if (!cell_terms && (v == &rc.centered_coef || v == &rc.offset)) continue;
+      for (int64_t r = 1; r < rc.tile_rows; ++r) std::copy_n(v->begin(), width, v->begin() + r * width);
+    }
     rc.slab = slab;
   }
 
