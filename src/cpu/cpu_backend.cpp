@@ -764,10 +764,14 @@ class CpuBackend final : public Backend {
       }
     }
     // A slab's first row, copied over the tile's other rows (a fused block
-    // of one slab refills this per block).
-    for (auto* v : {&rc.mean, &rc.rstd, &rc.mul, &rc.bias, &rc.scale, &rc.centered_coef, &rc.offset}) {
-      if (!cell_terms && (v == &rc.centered_coef || v == &rc.offset)) continue;
-      for (int64_t r = 1; r < rc.tile_rows; ++r) std::copy_n(v->begin(), width, v->begin() + r * width);
+    // of one slab refills this per block); the dx terms only for backward.
+    const auto repeat_rows = [&](std::vector<C>& v) {
+      for (int64_t r = 1; r < rc.tile_rows; ++r) std::copy_n(v.begin(), width, v.begin() + r * width);
+    };
+    for (auto* v : {&rc.mean, &rc.rstd, &rc.mul, &rc.bias, &rc.scale}) repeat_rows(*v);
+    if (cell_terms) {
+      repeat_rows(rc.centered_coef);
+      repeat_rows(rc.offset);
     }
     rc.slab = slab;
   }

@@ -3,8 +3,9 @@
 // Every threshold is a multiple of the L2 cache per core. The L3 is not
 // used: a virtual machine reports the whole socket's L3 as its own (480 MiB
 // and 260 MiB on the two 2-core Intel Xeon machines of docs/performance.md),
-// and other tenants use most of it. The factors were set on the 2-core AMD EPYC machine (1 MiB L2 per
-// core, 2 threads), where they give the constants measured there:
+// and other tenants use most of it. The factors were set on the 2-core AMD
+// EPYC machine (1 MiB L2 per core, 2 threads), where they give the constants
+// measured there:
 //
 //  - cache_resident = 2 * P * L2, P the processors this process may run on
 //    (omp_get_num_procs: the affinity mask), not the thread count: this is
