@@ -1,6 +1,7 @@
 // Rows of float16 to float and back, for the CPU kernels' staging of
 // float16 data (cpu_backend.cpp). Where the library is built for a target
-// with the F16C instructions these use them; otherwise core/half.hpp's
+// with the F16C instructions these use them (16 values at a time with
+// AVX-512, 8 with F16C alone); otherwise core/half.hpp's
 // portable conversions. Both round the same way (IEEE round to nearest
 // even; a NaN stays a quiet NaN with its leading payload bits).
 #pragma once
