@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "core/backend.hpp"
+#include "core/dtype_dispatch.hpp"
 #include "core/equal_parts.hpp"
 #include "core/group_exchange.hpp"
 #include "cpu/cpu_backend.hpp"
@@ -308,15 +309,24 @@ Plan GroupNorm::plan(const Shape& shape, Layout layout, DType dtype) const {
   return resolve(config_, shape, layout, dtype);
 }
 
+static double as_double(double v) { return v; }
+static double as_double(float v) { return v; }
+static double as_double(half_t v) { return to_float(v); }
+static double as_double(bfloat16_t v) { return to_float(v); }
+
 void GroupNorm::load_parameters(int64_t channels, std::vector<double>& scale, std::vector<double>& bias) {
   if (!channels_ && (config_.use_scale || config_.use_bias)) init_parameters(channels);
-  const int64_t bytes = dtype_size(config_.param_dtype);
-  const uint8_t* data = parameters_.data();
   scale.resize(config_.use_scale ? size_t(channels_) : 0);
-  for (size_t c = 0; c < scale.size(); ++c) scale[c] = load_element(config_.param_dtype, data, int64_t(c));
-  if (config_.use_scale) data += channels_ * bytes;
   bias.resize(config_.use_bias ? size_t(channels_) : 0);
-  for (size_t c = 0; c < bias.size(); ++c) bias[c] = load_element(config_.param_dtype, data, int64_t(c));
+  // One dtype dispatch per call, not per element: on a cache-sized call
+  // (1280 channels) the per-element one was ~4% of the forward.
+  with_storage_type(config_.param_dtype, [&](auto tag) {
+    using P = decltype(tag);
+    const P* values = reinterpret_cast<const P*>(parameters_.data());
+    for (size_t c = 0; c < scale.size(); ++c) scale[c] = as_double(values[c]);
+    if (config_.use_scale) values += channels_;
+    for (size_t c = 0; c < bias.size(); ++c) bias[c] = as_double(values[c]);
+  });
 }
 
 // Resolves the plan of x (semantics §2.1-4, cached per shape), then checks the
