@@ -60,5 +60,8 @@ std::string shape_string(const Shape& shape);
 // arrays and tools (parameters, initializers, test data), not for kernels.
 double load_element(DType dtype, const void* data, int64_t i);
 void store_element(DType dtype, void* data, int64_t i, double v);
+// Elements [0, n) of such an array into out[0, n) as doubles, with one
+// dtype dispatch for the whole array (the layer's scale and bias, per call).
+void load_elements(DType dtype, const void* data, int64_t n, double* out);
 
 }  // namespace distgn
