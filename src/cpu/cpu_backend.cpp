@@ -16,6 +16,7 @@
 #include "core/equal_parts.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "cpu/half_rows.hpp"
+#include "cpu/lanes.hpp"
 #include "cpu/stream_rows.hpp"
 #include "cpu/tuning.hpp"
 
@@ -99,78 +100,18 @@ const staged_t<T>* staged_input(const T* src, [[maybe_unused]] int64_t n, [[mayb
 }
 
 // Whether the elementwise kernels (y, dx) stream their output of type Y for
-// this plan (ChunkOutput): float32 only (the other types are written in their
-// own type from registers), and only outputs larger than
-// streamed_output_bytes (cpu/tuning.hpp).
+// this plan (write_elements): float32 only (the other types are written in
+// their own type), and only outputs larger than streamed_output_bytes
+// (cpu/tuning.hpp).
 template <class Y>
 bool streams_output(const KernelPlan& p) {
   return std::is_same_v<Y, float> && stream_rows_in_hardware() &&
          p.num_cells * p.cell_elements * int64_t(sizeof(float)) > thresholds().streamed_output_bytes;
 }
 
-// How a chunk writes its output of type T: at(dst, n) says where to put
-// the values bound for dst[0, n), commit(values, dst, n) ends them, and the
-// chunk's end (the destructor) completes what is pending.
-//  - float16: into the buffer, converted into dst by commit (Staged).
-//  - float, streamed (streams_output): appended to the buffer while the
-//    chunk's writes stay contiguous, then written with streaming stores in
-//    one run when they stop being so, the buffer fills or the chunk ends,
-//    and fenced (stream_fence). Each row streamed alone left the partial
-//    cache lines at both ends of every row to plain stores: NHWC
-//    16x56x56x64 normalisation, rows of 64 floats 16 bytes off a line,
-//    measured 2x slower streamed than not; a run has two such lines.
-//  - otherwise dst itself.
-template <class T>
-class ChunkOutput {
- public:
-  // buffer: `capacity` floats, at least the largest n of at() (staged or
-  // streamed outputs; unused otherwise).
-  ChunkOutput(float* buffer, int64_t capacity, bool stream)
-      : buffer_(buffer), capacity_(capacity), stream_(std::is_same_v<T, float> && stream) {}
-  ChunkOutput(const ChunkOutput&) = delete;
-  ChunkOutput& operator=(const ChunkOutput&) = delete;
-  ~ChunkOutput() {
-    if (stream_) {
-      write_run();
-      stream_fence();
-    }
-  }
-
-  staged_t<T>* at(T* dst, [[maybe_unused]] int64_t n) {
-    if constexpr (!std::is_same_v<staged_t<T>, T>) {
-      return buffer_;
-    } else if constexpr (std::is_same_v<T, float>) {
-      if (!stream_) return dst;
-      if (held_ > 0 && (dst != run_ + held_ || held_ + n > capacity_)) write_run();
-      if (held_ == 0) run_ = dst;
-      float* values = buffer_ + held_;
-      held_ += n;
-      return values;
-    } else {
-      return dst;
-    }
-  }
-  void commit([[maybe_unused]] const staged_t<T>* values, [[maybe_unused]] T* dst, [[maybe_unused]] int64_t n) {
-    if constexpr (!std::is_same_v<staged_t<T>, T>) narrow_row(values, dst, n);
-  }
-
- private:
-  void write_run() {
-    if (held_ > 0) stream_row(buffer_, run_, held_);
-    held_ = 0;
-  }
-  float* buffer_;
-  int64_t capacity_, held_ = 0;
-  float* run_ = nullptr;
-  bool stream_;
-};
-
 // Whole rows of `width` the channels-last elementwise kernels (normalise,
 // dx) treat as one stretch (kRowTileElements).
 inline int64_t row_tile_rows(int64_t width) { return std::max<int64_t>(1, kRowTileElements / std::max<int64_t>(1, width)); }
-
-// Floats of buffer a ChunkOutput needs for writes of up to n elements.
-inline int64_t output_capacity(int64_t n) { return std::max(kStreamElements, n); }
 
 // How a cell range is cut into chunks.
 //  channel_rows: chunk k covers rows [r0, r1) of slab (k / per_slab); a slab
@@ -231,29 +172,6 @@ inline void for_row_blocks(int64_t rows, F&& f) {
   for (; r < rows; ++r) f(r, std::integral_constant<int64_t, 1>{});
 }
 
-// Sums over a run in 64-byte lane vectors (GCC vector extensions: one
-// AVX-512 register or two AVX2 ones) added up by halving shuffles at the
-// end. GCC's `omp simd reduction` ends instead in a serial chain of scalar
-// adds through the stack, which took 40% of the time on 256-element runs.
-typedef float FloatLanes __attribute__((vector_size(64)));
-typedef double DoubleLanes __attribute__((vector_size(64)));
-template <class A>
-using Lanes = std::conditional_t<std::is_same_v<A, float>, FloatLanes, DoubleLanes>;
-
-inline float lane_total(FloatLanes v) {
-  typedef float Half __attribute__((vector_size(32)));
-  typedef float Quarter __attribute__((vector_size(16)));
-  const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const Quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-  return (q[0] + q[2]) + (q[1] + q[3]);
-}
-inline double lane_total(DoubleLanes v) {
-  typedef double Half __attribute__((vector_size(32)));
-  const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
-  return (h[0] + h[2]) + (h[1] + h[3]);
-}
-
 // Elements [0, kLanes) of p widened to A, as one vector. Built from whole
 // vectors: filling the lanes one by one let GCC split bfloat16 lanes into
 // two halves stored and reloaded through the stack (bfloat16 statistics
@@ -285,7 +203,10 @@ inline Lanes<A> load_lanes(const T* p) {
 // (sum of first, sum of second) of f(u[e], v[e]) = {first, second} over
 // e in [0, n), u and v widened to A. f takes and returns lane vectors of A
 // for the body and scalars for the tail (GCC vector arithmetic broadcasts
-// scalar operands, so one generic lambda serves both).
+// scalar operands, so one generic lambda serves both); the lanes are added
+// up by halving shuffles at the end (lane_total). GCC's `omp simd
+// reduction` ends instead in a serial chain of scalar adds through the
+// stack, which took 40% of the time on 256-element runs.
 template <class A, class U, class V, class F>
 inline std::pair<A, A> sum_pairs(int64_t n, const U* u, const V* v, F&& f) {
   constexpr int kLanes = int(64 / sizeof(A));
@@ -305,10 +226,60 @@ inline std::pair<A, A> sum_pairs(int64_t n, const U* u, const V* v, F&& f) {
   return {total_first, total_second};
 }
 
-// Elements [0, n) of a run in blocks of kRunBlock: f(first, last).
+// [0, n) in blocks of `block` elements, the first cut to `lead` when lead
+// > 0: f(first, last). With lead = elements_to_line(out) the blocks after
+// the first start on a cache line of out, so that a streamed chunk's only
+// partial lines are at its two ends (stream_elements writes those with
+// plain stores, which read the line first).
 template <class F>
-inline void for_run_blocks(int64_t n, F&& f) {
-  for (int64_t e = 0; e < n; e += kRunBlock) f(e, std::min(n, e + kRunBlock));
+inline void for_blocks(int64_t n, int64_t block, int64_t lead, F&& f) {
+  int64_t e = 0;
+  if (lead > 0) f(0, e = std::min(n, lead));
+  for (; e < n; e += block) f(e, std::min(n, e + block));
+}
+
+// What a value lambda of write_elements loads: p[0] widened to A
+// (kOneLane), or p[0, kLanes) as one lane vector of A (kAllLanes).
+template <class A, class Form, class T>
+inline auto load_at(Form, const T* p) {
+  if constexpr (Form::value) return load_lanes<A>(p);
+  else return A(widen(*p));
+}
+
+// t where the mask byte at m is set, else 0 (a select: t may be inf or NaN
+// at a masked position), for one element or a float lane vector.
+template <class Form, class V>
+inline V where_valid(Form, const uint8_t* m, V t) {
+  if constexpr (Form::value) {
+    typedef uint8_t Bytes __attribute__((vector_size(kFloatLanes)));
+    typedef int32_t Ints __attribute__((vector_size(64)));
+    Bytes bytes;
+    std::memcpy(&bytes, m, sizeof bytes);
+    return __builtin_convertvector(bytes, Ints) != 0 ? t : V{};
+  } else {
+    return *m ? t : V(0);
+  }
+}
+
+// out[e] = value(e, kOneLane) for e in [0, n), value a generic lambda of the
+// element (load_at): streamed from lane vectors (stream_elements) where
+// `stream` is set and the output and its arithmetic are float32 (the two
+// forms give the same bits: the same expression, contracted alike);
+// otherwise a simd loop of plain stores, a float16 output through `stage`
+// (n floats) converted by narrow_row.
+template <class Y, class C, class F>
+inline void write_elements(Y* out, int64_t n, [[maybe_unused]] bool stream, [[maybe_unused]] float* stage,
+                           F&& value) {
+  if constexpr (std::is_same_v<Y, float> && std::is_same_v<C, float>) {
+    if (stream) return stream_elements(out, n, value);
+  }
+  using Out = staged_t<Y>;
+  Out* to;
+  if constexpr (std::is_same_v<Out, Y>) to = out;
+  else to = stage;
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) to[e] = narrow<Out>(value(e, kOneLane));
+  if constexpr (!std::is_same_v<Out, Y>) narrow_row(stage, out, n);
 }
 
 // Whether the call's input is read from cache (cache_resident_bytes,
@@ -728,8 +699,11 @@ class CpuBackend final : public Backend {
   // Per-column coefficients of one slab: mean, rstd*scale, bias (and for
   // backward rstd, scale, a, b), repeated over a tile of tile_rows whole
   // rows (row_tile_rows) so that the elementwise kernels run over a tile as
-  // one stretch; element e of a tile is column e % row_width. Each thread
-  // keeps those of its current slab.
+  // one stretch; element e of a tile is column e % row_width. The arrays
+  // run kFloatLanes past the tile in the same pattern: a streamed chunk's
+  // tiles start where the output's cache lines do (for_blocks), up to
+  // kFloatLanes elements into the pattern. Each thread keeps those of its
+  // current slab.
   // With cell_terms, dx = mul * dy + (x - mean) * centered_coef + offset:
   // semantics §9's rstd * (g - a - xhat * b) with the per-cell factors folded,
   // still centring x first (expanding x * r^2 b - mean * r^2 b cancels
@@ -747,7 +721,7 @@ class CpuBackend final : public Backend {
     rc.tile_rows = row_tile_rows(width);
     const int64_t tile = rc.tile_rows * width;
     for (auto* v : {&rc.mean, &rc.rstd, &rc.mul, &rc.bias, &rc.scale, &rc.centered_coef, &rc.offset})
-      v->resize(size_t(tile));
+      v->resize(size_t(tile + kFloatLanes));
     for (int64_t j = 0; j < width; ++j) {
       const int64_t cell = slab * p.cells_per_row + j / p.group_size, c = j % p.channels;
       const C r = C(coef.rstd[cell]);
@@ -763,10 +737,12 @@ class CpuBackend final : public Backend {
         rc.offset[j] = -r * a;
       }
     }
-    // A slab's first row, copied over the tile's other rows (a fused block
-    // of one slab refills this per block); the dx terms only for backward.
+    // A slab's first row, copied over the tile's other rows and past them
+    // (a fused block of one slab refills this per block); the dx terms only
+    // for backward.
     const auto repeat_rows = [&](std::vector<C>& v) {
       for (int64_t r = 1; r < rc.tile_rows; ++r) std::copy_n(v.begin(), width, v.begin() + r * width);
+      std::copy_n(v.begin(), kFloatLanes, v.begin() + tile);  // a tile: over kRowTileElements / 2
     };
     for (auto* v : {&rc.mean, &rc.rstd, &rc.mul, &rc.bias, &rc.scale}) repeat_rows(*v);
     if (cell_terms) {
@@ -805,18 +781,19 @@ class CpuBackend final : public Backend {
     const bool stream = streams_output<Y>(p);
     for_each_row_chunk<C>(p, cells, coef, nullptr, chunking(p, cells),
                           [&](int64_t, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
-      const C *mean = rc.mean.data(), *mul = rc.mul.data(), *bias = rc.bias.data();
-      const int64_t tile = rc.tile_rows * width, end = (slab * p.rows + r1) * width;
-      float* stage = thread_stage(size_t(tile + output_capacity(tile)));
-      ChunkOutput<Y> out(stage + tile, output_capacity(tile), stream);
-      for (int64_t at = (slab * p.rows + r0) * width; at < end; at += tile) {
-        const int64_t n = std::min(tile, end - at);
-        const auto* xt = staged_input(x + at, n, stage);
-        auto* yt = out.at(y + at, n);
-#pragma omp simd
-        for (int64_t e = 0; e < n; ++e) yt[e] = narrow<staged_t<Y>>((C(widen(xt[e])) - mean[e]) * mul[e] + bias[e]);
-        out.commit(yt, y + at, n);
-      }
+      const int64_t tile = rc.tile_rows * width, start = (slab * p.rows + r0) * width;
+      float* stage = thread_stage(size_t(2 * tile));
+      for_blocks((r1 - r0) * width, tile, stream ? elements_to_line(y + start) : 0, [&](int64_t first, int64_t last) {
+        // Column (start + first + e) % width: the tile's coefficients from first % tile on.
+        const int64_t o = first % tile;
+        const C *mean = rc.mean.data() + o, *mul = rc.mul.data() + o, *bias = rc.bias.data() + o;
+        const auto* xt = staged_input(x + start + first, last - first, stage);
+        write_elements<Y, C>(y + start + first, last - first, stream, stage + tile, [&](int64_t e, auto lanes) {
+          return (load_at<C>(lanes, xt + e) - load_at<C>(lanes, mean + e)) * load_at<C>(lanes, mul + e) +
+                 load_at<C>(lanes, bias + e);
+        });
+      });
+      if (stream) stream_fence();
     });
   }
 
@@ -878,33 +855,34 @@ class CpuBackend final : public Backend {
     const int64_t width = p.row_width;
     const T* x = static_cast<const T*>(in.x);
     const bool stream = streams_output<T>(p);
-    using Out = staged_t<T>;
     for_each_row_chunk<C>(p, cells, coef, cell_terms, chunking(p, cells),
                           [&](int64_t, int64_t slab, int64_t r0, int64_t r1, const RowCoefficients<C>& rc) {
-      const C *mean = rc.mean.data(), *mul = rc.mul.data();
-      const C *centered_coef = rc.centered_coef.data(), *offset = rc.offset.data();
-      const int64_t tile = rc.tile_rows * width, end = (slab * p.rows + r1) * width;
-      float* stage = thread_stage(size_t(2 * tile + output_capacity(tile)));
-      ChunkOutput<T> out(stage + 2 * tile, output_capacity(tile), stream);
-      for (int64_t at = (slab * p.rows + r0) * width; at < end; at += tile) {
-        const int64_t n = std::min(tile, end - at);
+      const int64_t tile = rc.tile_rows * width, start = (slab * p.rows + r0) * width;
+      float* stage = thread_stage(size_t(3 * tile));
+      for_blocks((r1 - r0) * width, tile, stream ? elements_to_line(dx + start) : 0, [&](int64_t first, int64_t last) {
+        const int64_t o = first % tile, at = start + first, n = last - first;  // coefficients as normalize_rows
+        const C *mean = rc.mean.data() + o, *mul = rc.mul.data() + o;
+        const C *centered_coef = rc.centered_coef.data() + o, *offset = rc.offset.data() + o;
         const auto* xt = staged_input(x + at, n, stage);
         const auto* dyt = staged_input(dy + at, n, stage + tile);
-        auto* dxt = out.at(dx + at, n);
+        const auto stat_term = [&](int64_t e, auto lanes) {
+          return (load_at<C>(lanes, xt + e) - load_at<C>(lanes, mean + e)) * load_at<C>(lanes, centered_coef + e) +
+                 load_at<C>(lanes, offset + e);
+        };
+        const auto dx_value = [&](int64_t e, auto lanes, auto stat) {
+          return load_at<C>(lanes, dyt + e) * load_at<C>(lanes, mul + e) + stat;
+        };
         if (in.mask) {
           const uint8_t* m = in.mask + at;
-#pragma omp simd
-          for (int64_t e = 0; e < n; ++e) {
-            const C stat_term = m[e] ? (C(widen(xt[e])) - mean[e]) * centered_coef[e] + offset[e] : C(0);
-            dxt[e] = narrow<Out>(C(widen(dyt[e])) * mul[e] + stat_term);
-          }
+          write_elements<T, C>(dx + at, n, stream, stage + 2 * tile, [&](int64_t e, auto lanes) {
+            return dx_value(e, lanes, where_valid(lanes, m + e, stat_term(e, lanes)));
+          });
         } else {
-#pragma omp simd
-          for (int64_t e = 0; e < n; ++e)
-            dxt[e] = narrow<Out>(C(widen(dyt[e])) * mul[e] + ((C(widen(xt[e])) - mean[e]) * centered_coef[e] + offset[e]));
+          write_elements<T, C>(dx + at, n, stream, stage + 2 * tile,
+                               [&](int64_t e, auto lanes) { return dx_value(e, lanes, stat_term(e, lanes)); });
         }
-        out.commit(dxt, dx + at, n);
-      }
+      });
+      if (stream) stream_fence();
     });
   }
 
@@ -940,7 +918,7 @@ class CpuBackend final : public Backend {
       } else {
         const A shift_a = A(shift);  // a value of x: exact in A
         float* stage = thread_stage(size_t(kRunBlock));
-        for_run_blocks(n, [&](int64_t first, int64_t last) {
+        for_blocks(n, kRunBlock, 0, [&](int64_t first, int64_t last) {
           const auto* xb = staged_input(xs + first, last - first, stage);
           const auto [s, q] = sum_pairs<A>(last - first, xb, xb, [&](auto xe, auto) {
             const auto d = xe - shift_a;
@@ -987,19 +965,19 @@ class CpuBackend final : public Backend {
       const int64_t e0 = (k % ch.per_group) * ch.step, e1 = std::min(length, e0 + ch.step);
       const int64_t base = cell * length;
       const C mean = C(coef.mean[cell]), r = C(coef.rstd[cell]);
-      float* stage = thread_stage(size_t(kRunBlock + output_capacity(kRunBlock)));
-      ChunkOutput<Y> out(stage + kRunBlock, output_capacity(kRunBlock), stream);
+      float* stage = thread_stage(size_t(2 * kRunBlock));
       for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
         const C mul = coef.scale ? r * C(coef.scale[c]) : r;
         const C bias = coef.bias ? C(coef.bias[c]) : C(0);
-        for_run_blocks(last - first, [&](int64_t b0, int64_t b1) {
-          const auto* xs = staged_input(x + base + first + b0, b1 - b0, stage);
-          auto* ys = out.at(y + base + first + b0, b1 - b0);
-#pragma omp simd
-          for (int64_t e = 0; e < b1 - b0; ++e) ys[e] = narrow<staged_t<Y>>((C(widen(xs[e])) - mean) * mul + bias);
-          out.commit(ys, y + base + first + b0, b1 - b0);
+        const int64_t start = base + first;
+        for_blocks(last - first, kRunBlock, stream ? elements_to_line(y + start) : 0, [&](int64_t b0, int64_t b1) {
+          const auto* xs = staged_input(x + start + b0, b1 - b0, stage);
+          write_elements<Y, C>(y + start + b0, b1 - b0, stream, stage + kRunBlock, [&](int64_t e, auto lanes) {
+            return (load_at<C>(lanes, xs + e) - mean) * mul + bias;
+          });
         });
       });
+      if (stream) stream_fence();
     }
   }
 
@@ -1026,7 +1004,7 @@ class CpuBackend final : public Backend {
       float* stage = thread_stage(size_t(2 * kRunBlock));
       for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
         double sum_dy = 0, sum_dy_xhat = 0;
-        for_run_blocks(last - first, [&](int64_t b0, int64_t b1) {
+        for_blocks(last - first, kRunBlock, 0, [&](int64_t b0, int64_t b1) {
           const auto* xs = staged_input(x + base + first + b0, b1 - b0, stage);
           const auto* dys = staged_input(dy + base + first + b0, b1 - b0, stage + kRunBlock);
           const auto [g_sum, p_sum] = sum_pairs<C>(b1 - b0, dys, xs, [&](auto g, auto xe) {
@@ -1071,35 +1049,33 @@ class CpuBackend final : public Backend {
       const int64_t base = cell * length;
       const C mean = C(coef.mean[cell]), r = C(coef.rstd[cell]);
       const C a = C(cell_terms[2 * cell]), b = C(cell_terms[2 * cell + 1]);
-      float* stage = thread_stage(size_t(2 * kRunBlock + output_capacity(kRunBlock)));
-      ChunkOutput<T> out(stage + 2 * kRunBlock, output_capacity(kRunBlock), stream);
-      using Out = staged_t<T>;
+      float* stage = thread_stage(size_t(3 * kRunBlock));
       for_channel_runs(p, cell, e0, e1, [&](int64_t c, int64_t first, int64_t last) {
         const C scale = coef.scale ? C(coef.scale[c]) : C(1);
-        for_run_blocks(last - first, [&](int64_t b0, int64_t b1) {
-          const int64_t at = base + first + b0, n = b1 - b0;
+        const int64_t start = base + first;
+        for_blocks(last - first, kRunBlock, stream ? elements_to_line(dx + start) : 0, [&](int64_t b0, int64_t b1) {
+          const int64_t at = start + b0, n = b1 - b0;
           const auto* xs = staged_input(x + at, n, stage);
           const auto* dys = staged_input(dy + at, n, stage + kRunBlock);
-          auto* dxs = out.at(dx + at, n);
+          const auto stat_term = [&](int64_t e, auto lanes) {
+            const auto xhat = (load_at<C>(lanes, xs + e) - mean) * r;
+            return a + xhat * b;
+          };
+          const auto dx_value = [&](int64_t e, auto lanes, auto stat) {
+            return r * (load_at<C>(lanes, dys + e) * scale - stat);
+          };
           if (in.mask) {
             const uint8_t* m = in.mask + at;
-#pragma omp simd
-            for (int64_t e = 0; e < n; ++e) {
-              const C xhat = (C(widen(xs[e])) - mean) * r;
-              const C g = C(widen(dys[e])) * scale;
-              dxs[e] = narrow<Out>(r * (g - (m[e] ? a + xhat * b : C(0))));
-            }
+            write_elements<T, C>(dx + at, n, stream, stage + 2 * kRunBlock, [&](int64_t e, auto lanes) {
+              return dx_value(e, lanes, where_valid(lanes, m + e, stat_term(e, lanes)));
+            });
           } else {
-#pragma omp simd
-            for (int64_t e = 0; e < n; ++e) {
-              const C xhat = (C(widen(xs[e])) - mean) * r;
-              const C g = C(widen(dys[e])) * scale;
-              dxs[e] = narrow<Out>(r * (g - (a + xhat * b)));
-            }
+            write_elements<T, C>(dx + at, n, stream, stage + 2 * kRunBlock,
+                                 [&](int64_t e, auto lanes) { return dx_value(e, lanes, stat_term(e, lanes)); });
           }
-          out.commit(dxs, dx + at, n);
         });
       });
+      if (stream) stream_fence();
     }
   }
 

@@ -29,7 +29,8 @@
 //    backward 0.85x the time. The AMD figure of the old rule, 8 * T * L2,
 //    (2.6 MB 1.7x slower streamed) was taken while every row was streamed
 //    alone, which left both partial cache lines of each misaligned row to
-//    plain stores (ChunkOutput in cpu_backend.cpp now streams whole runs).
+//    plain stores (the kernels now stream whole runs of a chunk, whose
+//    blocks meet on cache lines: for_blocks in cpu_backend.cpp).
 //  - fused_block = T * L2 / 2. A group of one rank runs statistics then
 //    normalisation (backward sums then dx) per block of cells whose arrays
 //    read by both passes (x; x and dy) take this many bytes, so that the

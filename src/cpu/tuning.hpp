@@ -89,8 +89,9 @@ constexpr int64_t kPrefetchBlocks = 4;
 //    calls go row by row (the statistics of narrow rows excepted,
 //    kNarrowRow).
 //  - streamed_output_bytes: the elementwise kernels write float32 outputs
-//    (y, dx) larger than this with streaming stores (ChunkOutput in
-//    cpu_backend.cpp, cpu/stream_rows.hpp).
+//    (y, dx) larger than this with streaming stores, straight from the
+//    registers that compute them (write_elements in cpu_backend.cpp,
+//    cpu/stream_rows.hpp).
 //  - fused_block_bytes: with a group of one rank, cells are processed in
 //    blocks whose arrays (x, and dy in backward) take about this many bytes,
 //    so that a block is still in cache when the second pass reads it.
@@ -109,15 +110,6 @@ Thresholds thresholds();
 // float16 data is staged through float scratch (Staged in cpu_backend.cpp)
 // a tile at a time (kRowTileElements; a run block, kRunBlock, for
 // contiguous cells), so that the staged values stay in L1.
-
-// ---- output ----------------------------------------------------------------------------
-
-// Floats of streamed output a thread collects into one run before writing it
-// with streaming stores (ChunkOutput in cpu_backend.cpp): 16 KiB, so that
-// the partial cache lines at a run's two ends, written with plain stores,
-// are one line in 128, while the buffer stays in L1 beside the rows being
-// read. No figure recorded for other sizes.
-constexpr int64_t kStreamElements = 4096;
 
 // ---- scratch ------------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
-// Streaming stores (cpu/stream_rows.hpp): the row copy itself at every
+// Streaming stores (cpu/stream_rows.hpp): stream_elements itself at every
 // alignment, and a forward and backward large enough to be streamed (over
-// the machine's streamed_output size of float32 output, in both layouts)
-// against the same samples run one at a time, which stay under that size:
-// the stores differ, the values must not.
+// the machine's streamed_output size of float32 output, in both layouts,
+// with and without a mask) against the same samples run one at a time,
+// which stay under that size: the stores differ, the values must not.
 #include <catch2/catch.hpp>
 #include <omp.h>
 
@@ -24,23 +24,6 @@ using distgn::Layout;
 using distgn::Shape;
 using distgn::TensorView;
 
-TEST_CASE("stream rows: stream_row copies exactly at every alignment and length", "[cpu][stream]") {
-  INFO("streaming stores: " << distgn::stream_rows_in_hardware());
-  std::vector<float> src(200), dst(256);
-  for (size_t i = 0; i < src.size(); ++i) src[i] = float(i) * 0.5f - 7.25f;
-  for (int offset = 0; offset < 17; ++offset)
-    for (int n = 0; n <= 100; ++n) {
-      std::fill(dst.begin(), dst.end(), -1.0f);
-      distgn::stream_row(src.data() + 3, dst.data() + offset, n);
-      distgn::stream_fence();
-      INFO("offset " << offset << ", n " << n);
-      for (int i = 0; i < int(dst.size()); ++i) {
-        const bool inside = i >= offset && i < offset + n;
-        REQUIRE(dst[size_t(i)] == (inside ? src[size_t(3 + i - offset)] : -1.0f));
-      }
-    }
-}
-
 // n floats starting `offset` floats past a cache line, between floats of
 // -1 that a write past either end would change.
 struct LineOffset {
@@ -59,6 +42,33 @@ struct LineOffset {
   std::vector<float> storage;
   float* start;
 };
+
+TEST_CASE("stream rows: stream_elements writes value(e) at every alignment and length, nothing beside",
+          "[cpu][stream]") {
+  INFO("streaming stores: " << distgn::stream_rows_in_hardware());
+  std::vector<float> src(200);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = float(i) * 0.5f - 7.25f;
+  // The lane form on whole cache lines, the element form on the partial
+  // lines at the ends: each element from its own form, once.
+  const auto value = [&](int64_t e, auto lanes) {
+    if constexpr (decltype(lanes)::value) {
+      distgn::FloatLanes v;
+      std::memcpy(&v, src.data() + e, sizeof v);
+      return v + 1.0f;
+    } else {
+      return src[size_t(e)] + 1.0f;
+    }
+  };
+  for (int offset = 0; offset < 17; ++offset)
+    for (int n = 0; n <= 100; ++n) {
+      LineOffset dst(size_t(n), offset);
+      distgn::stream_elements(dst.data(), n, value);
+      distgn::stream_fence();
+      INFO("offset " << offset << ", n " << n);
+      for (int i = 0; i < n; ++i) REQUIRE(dst.data()[i] == src[size_t(i)] + 1.0f);
+      REQUIRE(dst.untouched_outside());
+    }
+}
 
 TEST_CASE("stream rows: a streamed forward and backward equal the same samples run one at a time",
           "[cpu][stream]") {
@@ -92,6 +102,10 @@ TEST_CASE("stream rows: a streamed forward and backward equal the same samples r
   // drops a float shows.
   const int64_t offset = GENERATE(0, 5);
   INFO("y and dx " << offset << " floats past a cache line");
+  // With a mask, dx drops its statistics term at the masked positions: the
+  // streamed lanes select it away as the samples' single elements do.
+  const bool masked = GENERATE(false, true);
+  INFO((masked ? "masked" : "no mask"));
   const Shape shape = last ? Shape{N, H, W, C} : Shape{N, C, H, W}, one = last ? Shape{1, H, W, C} : Shape{1, C, H, W};
   std::vector<float> x(static_cast<size_t>(N * per_sample)), dy(x.size());
   LineOffset y(x.size(), offset), dx(x.size(), offset);
@@ -100,23 +114,33 @@ TEST_CASE("stream rows: a streamed forward and backward equal the same samples r
   std::normal_distribution<float> normal(3.0f, 2.0f);
   for (float& v : x) v = normal(rng);
   for (float& v : dy) v = normal(rng);
+  std::vector<uint8_t> mask;
+  if (masked) {
+    mask.resize(x.size());
+    for (uint8_t& m : mask) m = rng() % 7 != 0;
+  }
+  const distgn::MaskView mask_all{mask.data(), shape};
+  const distgn::MaskView* mask_view = masked ? &mask_all : nullptr;
 
   GroupNorm layer{GroupNormConfig{}};  // G = 32, scale 1, bias 0
   distgn::ForwardState state, state_sample;
   layer.forward(TensorView{x.data(), shape, DType::f32, layout}, TensorView{y.data(), shape, DType::f32, layout},
-                nullptr, &state);
+                mask_view, &state);
   layer.backward(TensorView{x.data(), shape, DType::f32, layout}, TensorView{dy.data(), shape, DType::f32, layout},
-                 nullptr, state, TensorView{dx.data(), shape, DType::f32, layout});
+                 mask_view, state, TensorView{dx.data(), shape, DType::f32, layout});
   CHECK(y.untouched_outside());
   CHECK(dx.untouched_outside());
   for (int64_t n = 0; n < N; ++n) {
     const TensorView x_n{x.data() + n * per_sample, one, DType::f32, layout};
-    layer.forward(x_n, TensorView{y_sample.data(), one, DType::f32, layout}, nullptr, &state_sample);
-    layer.backward(x_n, TensorView{dy.data() + n * per_sample, one, DType::f32, layout}, nullptr, state_sample,
+    const distgn::MaskView mask_n{mask.data() + n * per_sample, one};
+    const distgn::MaskView* mask_n_view = masked ? &mask_n : nullptr;
+    layer.forward(x_n, TensorView{y_sample.data(), one, DType::f32, layout}, mask_n_view, &state_sample);
+    layer.backward(x_n, TensorView{dy.data() + n * per_sample, one, DType::f32, layout}, mask_n_view, state_sample,
                    TensorView{dx_sample.data(), one, DType::f32, layout});
     INFO("sample " << n);
     CHECK(std::memcmp(y.data() + n * per_sample, y_sample.data(), y_sample.size() * sizeof(float)) == 0);
     CHECK(std::memcmp(dx.data() + n * per_sample, dx_sample.data(), dx_sample.size() * sizeof(float)) == 0);
+    if (masked) continue;  // the reference below has no mask
 
     // And both against the float64 reference (SPEC 8: 1e-4 on unit-scale
     // outputs), group by group: one sample's cells are its G groups.
