@@ -3,6 +3,7 @@
 #include <sstream>
 #include <type_traits>
 
+#include "core/dtype_dispatch.hpp"
 #include "core/half.hpp"
 #include "distgn/error.hpp"
 
@@ -91,21 +92,15 @@ double load_element(DType dtype, const void* data, int64_t i) {
   return 0;
 }
 
-template <class T>
-static void widen_elements(const T* values, int64_t n, double* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    if constexpr (std::is_floating_point_v<T>) out[i] = values[i];
-    else out[i] = to_float(values[i]);
-  }
-}
-
 void load_elements(DType dtype, const void* data, int64_t n, double* out) {
-  switch (dtype) {
-    case DType::f64: widen_elements(static_cast<const double*>(data), n, out); break;
-    case DType::f32: widen_elements(static_cast<const float*>(data), n, out); break;
-    case DType::f16: widen_elements(static_cast<const half_t*>(data), n, out); break;
-    case DType::bf16: widen_elements(static_cast<const bfloat16_t*>(data), n, out); break;
-  }
+  with_storage_type(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* values = static_cast<const T*>(data);
+    for (int64_t i = 0; i < n; ++i) {
+      if constexpr (std::is_floating_point_v<T>) out[i] = values[i];
+      else out[i] = to_float(values[i]);
+    }
+  });
 }
 
 void store_element(DType dtype, void* data, int64_t i, double v) {

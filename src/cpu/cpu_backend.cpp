@@ -282,6 +282,21 @@ inline void write_elements(Y* out, int64_t n, [[maybe_unused]] bool stream, [[ma
   if constexpr (!std::is_same_v<Out, Y>) narrow_row(stage, out, n);
 }
 
+// dx[e] = dx_value(e, form, stat_term(e, form)) for e in [0, n)
+// (write_elements), the statistics term selected away where the mask byte
+// is 0 (semantics §9's m_i; mask null: no mask).
+template <class T, class C, class S, class G>
+inline void write_input_grad(T* dx, int64_t n, bool stream, float* stage, const uint8_t* mask, S&& stat_term,
+                             G&& dx_value) {
+  if (mask)
+    write_elements<T, C>(dx, n, stream, stage, [&](int64_t e, auto lanes) {
+      return dx_value(e, lanes, where_valid(lanes, mask + e, stat_term(e, lanes)));
+    });
+  else
+    write_elements<T, C>(dx, n, stream, stage,
+                         [&](int64_t e, auto lanes) { return dx_value(e, lanes, stat_term(e, lanes)); });
+}
+
 // Whether the call's input is read from cache (cache_resident_bytes,
 // cpu/tuning.hpp): then both channels-last reductions work in register
 // blocks of kRowBlock rows at every width.
@@ -872,15 +887,8 @@ class CpuBackend final : public Backend {
         const auto dx_value = [&](int64_t e, auto lanes, auto stat) {
           return load_at<C>(lanes, dyt + e) * load_at<C>(lanes, mul + e) + stat;
         };
-        if (in.mask) {
-          const uint8_t* m = in.mask + at;
-          write_elements<T, C>(dx + at, n, stream, stage + 2 * tile, [&](int64_t e, auto lanes) {
-            return dx_value(e, lanes, where_valid(lanes, m + e, stat_term(e, lanes)));
-          });
-        } else {
-          write_elements<T, C>(dx + at, n, stream, stage + 2 * tile,
-                               [&](int64_t e, auto lanes) { return dx_value(e, lanes, stat_term(e, lanes)); });
-        }
+        write_input_grad<T, C>(dx + at, n, stream, stage + 2 * tile, in.mask ? in.mask + at : nullptr, stat_term,
+                               dx_value);
       });
       if (stream) stream_fence();
     });
@@ -1064,15 +1072,8 @@ class CpuBackend final : public Backend {
           const auto dx_value = [&](int64_t e, auto lanes, auto stat) {
             return r * (load_at<C>(lanes, dys + e) * scale - stat);
           };
-          if (in.mask) {
-            const uint8_t* m = in.mask + at;
-            write_elements<T, C>(dx + at, n, stream, stage + 2 * kRunBlock, [&](int64_t e, auto lanes) {
-              return dx_value(e, lanes, where_valid(lanes, m + e, stat_term(e, lanes)));
-            });
-          } else {
-            write_elements<T, C>(dx + at, n, stream, stage + 2 * kRunBlock,
-                                 [&](int64_t e, auto lanes) { return dx_value(e, lanes, stat_term(e, lanes)); });
-          }
+          write_input_grad<T, C>(dx + at, n, stream, stage + 2 * kRunBlock, in.mask ? in.mask + at : nullptr,
+                                 stat_term, dx_value);
         });
       });
       if (stream) stream_fence();

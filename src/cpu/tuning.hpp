@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "cpu/lanes.hpp"
+
 namespace distgn::cpu {
 
 // ---- how a call is cut up ----------------------------------------------------------
@@ -117,6 +119,6 @@ Thresholds thresholds();
 // from a buffer malloc left 16-byte aligned split cache lines (float16
 // normalisation measured 1.7x slower when a resize moved the staging
 // buffer).
-constexpr uintptr_t kScratchAlignment = 64;
+constexpr uintptr_t kScratchAlignment = kCacheLine;
 
 }  // namespace distgn::cpu
